@@ -1,0 +1,1021 @@
+"""Referring image segmentation data for Prompt-RIS (§3.3, §4.1, §4.2).
+
+Sections, in the order a reader meets them:
+
+1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
+   identical to pycocotools (its polygon rasterizer is re-derived below in numpy).
+2. Referring records: `load_refs` reads the refer-API layout every RIS codebase uses,
+       DATA_ROOT/{refcoco,refcoco+,refcocog}/refs(unc).p | refs(umd).p | refs(google).p
+       DATA_ROOT/{refcoco,refcoco+,refcocog}/instances.json
+   (or `refs(<split_by>).json`, a JSON list of the same records), with COCO train2014 images
+   looked up in DATA_ROOT/images/train2014/, DATA_ROOT/images/mscoco/images/train2014/ (the refer
+   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first.
+3. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
+4. Datasets: `RefTrainSet` (one image with b sentences, for instance contrastive learning, §3.3)
+   and `RefEvalSet` (one image with all its sentences of a split); `collate` builds the batch
+   dict of CONTRACT.md.
+5. `make_synth`: a small built-in referring dataset written in the real RefCOCO layout.
+6. CLI: `python data.py stats ...` and `python data.py synth ...`.
+
+Typical training use (§4.2: the three datasets combined, evaluation images removed):
+
+    datas = [load_refs(root, "refcoco", "unc"), load_refs(root, "refcoco+", "unc"),
+             load_refs(root, "refcocog", "umd")]
+    train_set = RefTrainSet(datas, Tokenizer(), sentences_per_image=4)
+    sampler = DistributedSampler(train_set)          # over image indices
+    loader = DataLoader(train_set, batch_size=16, sampler=sampler, collate_fn=collate)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch); train_set.set_epoch(epoch)
+        for batch in loader: ...                      # 16 images x 4 sentences = 64 sentences
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import sys
+from dataclasses import dataclass, field
+from typing import Collection, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from clip_vit import CLIP_MEAN, CLIP_STD
+from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
+
+logger = logging.getLogger("data")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. COCO masks
+# ---------------------------------------------------------------------------------------------
+# COCO stores a mask as run-length counts over the pixels in column-major order (x outer, y
+# inner), starting with a run of zeros. Polygons are rasterized by pycocotools' rleFrPoly, whose
+# exact pixel decisions we reproduce so that ground truth (and therefore IoU) matches every
+# other RIS codebase bit for bit.
+
+_POLY_UPSAMPLE = 5.0  # rleFrPoly walks the boundary on a 5x finer integer grid
+
+
+def _c_int(x: np.ndarray) -> np.ndarray:
+    """C's `(int)double` cast: truncation toward zero."""
+    return np.trunc(x).astype(np.int64)
+
+
+def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Column-major pixel positions where a polygon's mask switches value (pycocotools rleFrPoly).
+
+    Args:
+        xy: (2K,) float64, x0, y0, x1, y1, ... in pixel units (pixel centres at integers).
+    Returns:
+        (M,) int64 positions x * height + y in [0, height * width]; the mask at pixel p is the
+        parity of the number of positions <= p.
+
+    The algorithm, step by step as in maskApi.c:
+      a) scale vertices by 5 and round (C cast: int(5v + 0.5));
+      b) walk every edge on that fine grid, one point per step along its major axis, the minor
+         coordinate rounded the same way; an edge is always computed from its lower end (swapped
+         if needed) so that a shared edge rounds identically in both directions;
+      c) wherever the walk crosses a column boundary, record the y where the boundary enters;
+         only crossings landing exactly on a pixel-centre column of the original grid count;
+      d) those (x, y) points are where each column's mask toggles.
+    """
+    scale = _POLY_UPSAMPLE
+    x = _c_int(scale * xy[0::2] + 0.5)
+    y = _c_int(scale * xy[1::2] + 0.5)
+    x = np.append(x, x[0])  # close the polygon
+    y = np.append(y, y[0])
+
+    # b) dense walk along every edge: edge j contributes max(dx, dy) + 1 points
+    xs, xe, ys, ye = x[:-1], x[1:], y[:-1], y[1:]
+    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
+    major_x = dx >= dy
+    flip = (major_x & (xs > xe)) | (~major_x & (ys > ye))
+    xs, xe = np.where(flip, xe, xs), np.where(flip, xs, xe)
+    ys, ye = np.where(flip, ye, ys), np.where(flip, ys, ye)
+    steps = np.maximum(dx, dy)
+    # A zero-length edge (repeated vertex) gives 0/0 in C; its single point never starts a column
+    # crossing (its neighbours share its x), so any finite slope reproduces the result.
+    slope = np.where(major_x, ye - ys, xe - xs) / np.maximum(steps, 1)
+
+    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (P,) edge of every walk point
+    first = np.cumsum(steps + 1) - (steps + 1)
+    d = np.arange(len(edge)) - first[edge]
+    t = np.where(flip[edge], steps[edge] - d, d)  # walk from the original start either way
+    minor = _c_int((np.where(major_x, ys, xs)[edge] + slope[edge] * t) + 0.5)
+    u = np.where(major_x[edge], t + xs[edge], minor)  # (P,) fine-grid x
+    v = np.where(major_x[edge], minor, t + ys[edge])  # (P,) fine-grid y
+
+    # c) column crossings, mapped back to the original grid
+    j = np.nonzero(u[1:] != u[:-1])[0] + 1
+    xd = np.where(u[j] < u[j - 1], u[j], u[j] - 1).astype(np.float64)
+    xd = (xd + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)
+    yd = np.minimum(v[j], v[j - 1]).astype(np.float64)
+    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, height))
+    return xd[keep].astype(np.int64) * height + yd[keep].astype(np.int64)
+
+
+def _polygons_to_mask(parts: Sequence, height: int, width: int) -> np.ndarray:
+    """Union of polygon parts (COCO `[[x0, y0, x1, y1, ...], ...]`) -> (H, W) uint8."""
+    toggles = np.zeros(height * width + 1, np.int64)
+    union = np.zeros(height * width, bool)
+    for i, part in enumerate(parts):
+        try:
+            xy = np.asarray(part, dtype=np.float64)
+        except (TypeError, ValueError):
+            xy = np.empty(0)
+        if xy.ndim != 1 or len(xy) < 2 or not np.isfinite(xy).all():
+            raise ValueError(f"polygon part {i} must be a flat list of finite x, y numbers, "
+                             f"got {str(part)[:60]}")
+        # pycocotools reads int(len / 2) vertices: an odd trailing number is ignored
+        positions = _polygon_toggles(xy[: len(xy) // 2 * 2], height, width)
+        toggles[:] = 0
+        np.add.at(toggles, positions, 1)
+        union |= (np.cumsum(toggles[:-1]) % 2).astype(bool)
+    return union.reshape(width, height).T.astype(np.uint8)  # column-major -> (H, W)
+
+
+def _rle_string_to_counts(s: Union[str, bytes]) -> list[int]:
+    """COCO compressed RLE string -> run lengths (maskApi.c rleFrString).
+
+    Each count is written in 5-bit groups, least significant first, one character (chr(48 + g))
+    per group; bit 0x20 says another group follows and bit 0x10 of the last group is the sign.
+    From the fourth count on, the value stored is the difference to the count two places back.
+    """
+    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                raise ValueError("compressed RLE string ends in the middle of a count")
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE string has an invalid character {chr(data[p])!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x & 0xFFFFFFFF)  # C stores counts as uint32
+    return counts
+
+
+def _rle_counts_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
+    """Alternating run lengths (zeros first, column-major) -> (H, W) uint8."""
+    runs = np.asarray(counts, dtype=np.int64)
+    if runs.ndim != 1 or (runs < 0).any():
+        raise ValueError("RLE counts must be a flat list of non-negative integers")
+    if runs.sum() != height * width:
+        raise ValueError(f"RLE counts sum to {int(runs.sum())}, expected height*width = "
+                         f"{height}*{width} = {height * width}")
+    values = np.arange(len(runs)) % 2  # 0, 1, 0, 1, ...
+    flat = np.repeat(values.astype(np.uint8), runs)
+    return flat.reshape(width, height).T.copy()
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation into a binary mask, exactly as pycocotools does.
+
+    Args:
+        segmentation: one of
+            - polygons: a list of parts `[[x0, y0, x1, y1, ...], ...]` (their union is the mask,
+              like COCO.annToMask);
+            - uncompressed RLE `{"counts": [int, ...], "size": [h, w]}` (iscrowd annotations);
+            - compressed RLE `{"counts": "string" or b"bytes", "size": [h, w]}`.
+        height, width: image size; an RLE's own "size" must agree with it.
+    Returns:
+        (height, width) uint8 array of {0, 1}.
+    Raises:
+        ValueError naming what is malformed.
+
+    One deliberate difference: pycocotools treats a polygon list whose *first* part has exactly
+    four numbers as bounding boxes; here every part is a polygon.
+    """
+    if isinstance(segmentation, list):
+        return _polygons_to_mask(segmentation, height, width)
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = segmentation["size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) for v in size)):
+            raise ValueError(f"RLE 'size' must be [height, width], got {size!r}")
+        if tuple(size) != (height, width):
+            raise ValueError(f"RLE size {list(size)} differs from the image size "
+                             f"[{height}, {width}]")
+        counts = segmentation["counts"]
+        if isinstance(counts, (str, bytes)):
+            counts = _rle_string_to_counts(counts)
+        elif not isinstance(counts, list):
+            raise ValueError("RLE 'counts' must be a list or a string, got "
+                             f"{type(counts).__name__}")
+        return _rle_counts_to_mask(counts, height, width)
+    raise ValueError("segmentation must be a list of polygons or a dict with 'counts' and 'size', "
+                     f"got {type(segmentation).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Referring records (refer API layout)
+# ---------------------------------------------------------------------------------------------
+# A refer-API record ("ref") names one COCO instance and the expressions written for it:
+#   {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int,
+#    "split": "train" | "val" | "test" | "testA" | "testB",
+#    "sentences": [{"sent": str, "raw": str, "tokens": [str], "sent_id": int}, ...],
+#    "sent_ids": [int], "file_name": "COCO_train2014_..._<ann_id>.jpg"}
+# We read ref_id, ann_id, image_id, category_id, split and each sentence's "sent" (lower-cased,
+# tokenized text; "raw" when "sent" is absent). sent_ids and file_name are not needed.
+
+# The splits each benchmark reports (§4.1): RefCOCO/RefCOCO+ (UNC), G-Ref (UMD and Google).
+EVAL_SPLITS = {
+    ("refcoco", "unc"): ("val", "testA", "testB"),
+    ("refcoco+", "unc"): ("val", "testA", "testB"),
+    ("refcocog", "umd"): ("val", "test"),
+    ("refcocog", "google"): ("val",),
+    ("synth", "unc"): ("val", "testA", "testB"),
+}
+
+# Open-vocabulary setting (Table 2, following CGFormer): COCO categories split as in OVR-CNN's
+# OV-COCO benchmark, 48 seen (base) and these 17 unseen (novel) categories, by COCO id.
+OV_UNSEEN_CATEGORIES = {
+    5: "airplane", 6: "bus", 17: "cat", 18: "dog", 21: "cow", 22: "elephant", 28: "umbrella",
+    32: "tie", 36: "snowboard", 41: "skateboard", 47: "cup", 49: "knife", 61: "cake",
+    63: "couch", 76: "keyboard", 81: "sink", 87: "scissors",
+}
+
+_IMAGE_DIR_CANDIDATES = (
+    ("images", "train2014"),
+    ("images", "mscoco", "images", "train2014"),  # the refer API's own layout
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A refs pickle asked for a class or function: refused, nothing from it was run."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickler for untrusted files: builds dicts, lists, tuples, strings and numbers only.
+
+    Everything that could run code in a pickle goes through `find_class` (GLOBAL, STACK_GLOBAL,
+    and the copyreg EXT opcodes), so refusing every class refuses every callable, REDUCE included.
+    """
+
+    def __init__(self, file, path: str, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module, name):
+        raise UnsafePickleError(
+            f"{self.path}: refusing to load '{module}.{name}': refs files must contain plain data "
+            "only (dict, list, tuple, str, numbers); convert it to JSON if it holds anything else")
+
+
+def _load_plain_pickle(path: str):
+    """Load a (possibly Python 2) pickle of plain data without ever executing code from it.
+
+    Python 2 `str` objects arrive as bytes; they are decoded as UTF-8 and, if that fails, as
+    Latin-1 (which accepts every byte sequence).
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    for encoding in ("utf-8", "latin1"):
+        try:
+            return _PlainDataUnpickler(io.BytesIO(raw), path, encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # truncated, not a pickle at all, persistent ids, ...
+            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+    raise ValueError(f"{path}: cannot decode the strings in this pickle")
+
+
+def _load_json(path: str):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(record, fields: dict, where: str) -> None:
+    """ValueError naming `where` unless `record` is a dict with `fields` of the given types."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
+    for key, kind in fields.items():
+        if key not in record:
+            raise ValueError(f"{where}: missing field '{key}'")
+        value = record[key]
+        ok = _is_int(value) if kind is int else isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, "
+                             f"got {type(value).__name__}")
+
+
+_REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str,
+               "sentences": list}
+
+
+def _parse_ref(record, path: str, index: int) -> dict:
+    """Validate one refer-API record and return our compact copy of it."""
+    where = f"{path}: record {index}"
+    if isinstance(record, dict) and _is_int(record.get("ref_id")):
+        where += f" (ref_id {record['ref_id']})"
+    _check_fields(record, _REF_FIELDS, where)
+    sentences = []
+    for j, s in enumerate(record["sentences"]):
+        text = s.get("sent", s.get("raw")) if isinstance(s, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: sentence {j} needs a non-empty string 'sent' or 'raw'")
+        sentences.append(text.strip())
+    if not sentences:
+        raise ValueError(f"{where}: no sentences")
+    return {k: record[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "split")} | {
+        "sentences": sentences}
+
+
+@dataclass
+class RefData:
+    """One referring dataset (or several combined): records plus the COCO data they point at.
+
+    refs:       validated refer records: ref_id, ann_id, image_id, category_id, split, sentences
+                (a list of strings).
+    anns:       {ann_id: {"id", "image_id", "category_id", "segmentation", "source"}}, only the
+                instances some ref points at; "source" is the instances.json it came from.
+    images:     {image_id: {"id", "file_name", "height", "width", "path"}}, referred images only.
+    categories: {category_id: name}.
+    """
+
+    dataset: str
+    split_by: str
+    refs: list
+    anns: dict
+    images: dict
+    categories: dict = field(default_factory=dict)
+
+    def splits(self) -> list[str]:
+        """Split names present, in order of first appearance."""
+        return list(dict.fromkeys(r["split"] for r in self.refs))
+
+    def split_refs(self, split: str) -> list[dict]:
+        """Refs of one split; unknown split -> ValueError listing the splits that exist."""
+        refs = [r for r in self.refs if r["split"] == split]
+        if not refs:
+            raise ValueError(f"{self.dataset} ({self.split_by}) has no split '{split}'; "
+                             f"available: {self.splits()}")
+        return refs
+
+    def mask(self, ann_id: int) -> np.ndarray:
+        """(H, W) uint8 mask of one instance at the image's original resolution."""
+        ann = self.anns[ann_id]
+        image = self.images[ann["image_id"]]
+        try:
+            return decode_mask(ann["segmentation"], image["height"], image["width"])
+        except ValueError as e:
+            raise ValueError(f"{ann['source']}: annotation id {ann_id}: {e}") from e
+
+
+def _find_image_dir(data_root: str, dataset: str) -> str:
+    """First existing image folder among the documented layouts (the first one if none exists)."""
+    candidates = [os.path.join(data_root, *parts) for parts in _IMAGE_DIR_CANDIDATES]
+    candidates.append(os.path.join(data_root, dataset, "images"))
+    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
+
+
+def _read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
+    """Raw ref records from refs(<split_by>).json (preferred: no unpickling) or .p."""
+    folder = os.path.join(data_root, dataset)
+    json_path = os.path.join(folder, f"refs({split_by}).json")
+    pickle_path = os.path.join(folder, f"refs({split_by}).p")
+    if os.path.isfile(json_path):
+        path, records = json_path, _load_json(json_path)
+    elif os.path.isfile(pickle_path):
+        path, records = pickle_path, _load_plain_pickle(pickle_path)
+    else:
+        raise FileNotFoundError(f"no refs file for {dataset} ({split_by}): looked for "
+                                f"{pickle_path} and {json_path}")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of ref records, got {type(records).__name__}")
+    return records, path
+
+
+def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
+    """Read DATA_ROOT/<dataset>/refs(<split_by>).{json,p} and instances.json into a RefData.
+
+    Every record is validated; a malformed one raises ValueError naming the file and the record
+    (index and ref_id), a missing file raises FileNotFoundError naming the path.
+    """
+    records, refs_path = _read_refs_file(data_root, dataset, split_by)
+    refs = [_parse_ref(r, refs_path, i) for i, r in enumerate(records)]
+
+    instances_path = os.path.join(data_root, dataset, "instances.json")
+    if not os.path.isfile(instances_path):
+        raise FileNotFoundError(f"missing {instances_path} (COCO instances for {dataset})")
+    instances = _load_json(instances_path)
+    _check_fields(instances, {"images": list, "annotations": list}, instances_path)
+
+    wanted_anns = {r["ann_id"] for r in refs}
+    anns = {}
+    for i, a in enumerate(instances["annotations"]):
+        if isinstance(a, dict) and a.get("id") in wanted_anns:
+            _check_fields(a, {"id": int, "image_id": int, "category_id": int,
+                              "segmentation": (list, dict)},
+                          f"{instances_path}: annotations[{i}] (id {a['id']})")
+            anns[a["id"]] = {k: a[k] for k in ("id", "image_id", "category_id", "segmentation")}
+            anns[a["id"]]["source"] = instances_path
+
+    image_dir = _find_image_dir(data_root, dataset)
+    wanted_images = {r["image_id"] for r in refs}
+    images = {}
+    for i, im in enumerate(instances["images"]):
+        if isinstance(im, dict) and im.get("id") in wanted_images:
+            _check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
+                          f"{instances_path}: images[{i}] (id {im['id']})")
+            images[im["id"]] = {k: im[k] for k in ("id", "file_name", "height", "width")}
+            images[im["id"]]["path"] = os.path.join(image_dir, im["file_name"])
+
+    categories = {}
+    for i, c in enumerate(instances.get("categories", [])):
+        _check_fields(c, {"id": int, "name": str}, f"{instances_path}: categories[{i}]")
+        categories[c["id"]] = c["name"]
+
+    for i, r in enumerate(refs):
+        where = f"{refs_path}: record {i} (ref_id {r['ref_id']})"
+        if r["ann_id"] not in anns:
+            raise ValueError(f"{where}: ann_id {r['ann_id']} is not in {instances_path}")
+        if r["image_id"] not in images:
+            raise ValueError(f"{where}: image_id {r['image_id']} is not in {instances_path}")
+        if anns[r["ann_id"]]["image_id"] != r["image_id"]:
+            raise ValueError(f"{where}: ann_id {r['ann_id']} belongs to image "
+                             f"{anns[r['ann_id']]['image_id']}, not {r['image_id']}")
+    return RefData(dataset, split_by, refs, anns, images, categories)
+
+
+def combine_for_training(datas: Sequence[RefData], split: str = "train") -> RefData:
+    """The training set of §4.2: `split` refs of all datasets, minus every image that appears in
+    any other split (val/test) of any of them, so no evaluation image is ever trained on.
+
+    RefCOCO, RefCOCO+ and G-Ref share COCO ids, so instances (ann_id) and images (image_id)
+    coincide across datasets: sentences for the same object from different datasets become
+    extra positives for instance contrastive learning (§3.3).
+    """
+    held_out = {r["image_id"] for d in datas for r in d.refs if r["split"] != split}
+    refs, anns, images, categories = [], {}, {}, {}
+    for d in datas:
+        kept = [r for r in d.refs if r["split"] == split and r["image_id"] not in held_out]
+        refs += kept
+        anns.update({r["ann_id"]: d.anns[r["ann_id"]] for r in kept})
+        images.update({r["image_id"]: d.images[r["image_id"]] for r in kept})
+        categories.update(d.categories)
+    name = ",".join(d.dataset for d in datas)
+    return RefData(name, ",".join(d.split_by for d in datas), refs, anns, images, categories)
+
+
+def split_seen_unseen(refs: Sequence[dict],
+                      unseen_ids: Collection[int] = tuple(OV_UNSEEN_CATEGORIES)
+                      ) -> dict[str, list[dict]]:
+    """Open-vocabulary setting (Table 2): {"seen": refs of other categories, "unseen": the rest}.
+
+    Training keeps the "seen" part (RefTrainSet(unseen_categories=...)); evaluation reports the
+    two parts separately (RefEvalSet(category_ids=...) or the batch's `category_ids`).
+    """
+    unseen = set(unseen_ids)
+    return {"seen": [r for r in refs if r["category_id"] not in unseen],
+            "unseen": [r for r in refs if r["category_id"] in unseen]}
+
+
+def split_stats(data: RefData) -> dict[str, dict[str, int]]:
+    """{split: {"refs", "sentences", "images"}} counts."""
+    stats = {}
+    for split in data.splits():
+        refs = [r for r in data.refs if r["split"] == split]
+        stats[split] = {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
+                        "images": len({r["image_id"] for r in refs})}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Preprocessing: one letterbox geometry for CLIP and SAM (§4.2)
+# ---------------------------------------------------------------------------------------------
+# Both encoders see the same frame: longest side resized to the encoder's size with SAM's
+# rounding rule, padded bottom/right. A mask on CLIP's grid therefore maps onto SAM's frame by a
+# plain resize, which is what turns the coarse CLIP mask into SAM prompts (§3.1).
+
+
+def _resize_longest_side(image: Image.Image, size: int) -> np.ndarray:
+    """(new_h, new_w, 3) uint8: longest side -> size, bilinear (as SAM's ResizeLongestSide)."""
+    new_h, new_w = resize_longest_side_shape(image.height, image.width, size)
+    return np.asarray(image.convert("RGB").resize((new_w, new_h), Image.BILINEAR))
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the longest side to `size` and pad bottom/right.
+
+    Returns:
+        (3, size, size) float32 in 0..255, zero in the padding, and the valid (new_h, new_w).
+    """
+    resized = _resize_longest_side(image, size)
+    h, w = resized.shape[:2]
+    out = np.zeros((3, size, size), np.float32)
+    out[:, :h, :w] = resized.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+    return torch.from_numpy(out), (h, w)
+
+
+def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
+                          std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """letterbox with (x - mean) / std applied to the image only: the padding stays exactly 0."""
+    pixels, (h, w) = letterbox(image, size)
+    valid = pixels[:, :h, :w]  # a view: normalize in place
+    valid -= torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    valid /= torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return pixels, (h, w)
+
+
+def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
+
+    Returns:
+        clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
+        SAM-normalized, both 0 in the padding, and the valid (h', w') at sam_size.
+    """
+    clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
+                                          [255 * s for s in CLIP_STD])
+    sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
+    return clip_image, sam_image, valid
+
+
+def mask_to_frame(mask: np.ndarray, valid_hw: tuple[int, int], size: int) -> np.ndarray:
+    """(H, W) {0,1} mask at original resolution -> (size, size) uint8 in the letterboxed frame.
+
+    Bilinear resize of the 0/1 mask then threshold 0.5: the boundary lands where the resized
+    image's boundary is (nearest-neighbour would shift it by up to half an original pixel).
+    """
+    h, w = valid_hw
+    resized = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
+    out = np.zeros((size, size), np.uint8)
+    out[:h, :w] = np.asarray(resized) >= 0.5
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Datasets and the batch dict (§3.3 instance contrastive sampling)
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_image(path: str) -> Image.Image:
+    """Load an RGB image; any failure -> OSError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise OSError(f"cannot open image {path}: {type(e).__name__}: {e}") from e
+
+
+def drop_words(sentence: str, rng: np.random.Generator, p: float) -> str:
+    """§4.2 repeat-and-mask: remove each word with probability p.
+
+    At least one word is removed when there are two or more (so a repeat never duplicates its
+    source verbatim) and at least one is kept.
+    """
+    words = sentence.split()
+    keep = rng.random(len(words)) >= p
+    if keep.all() and len(words) > 1:
+        keep[rng.integers(len(words))] = False
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(w for w, k in zip(words, keep) if k)
+
+
+class _ImageSet(torch.utils.data.Dataset):
+    """Shared part of the train and eval sets: images grouped with their (ref, sentence) pairs."""
+
+    def __init__(self, data: RefData, refs: Sequence[dict], tokenizer, clip_size: int,
+                 sam_size: int, context_length: int):
+        self.data = data
+        self.tokenizer = tokenizer
+        self.clip_size = clip_size
+        self.sam_size = sam_size
+        self.context_length = context_length
+        by_image: dict[int, list] = {}
+        for r in refs:
+            by_image.setdefault(r["image_id"], []).extend((r, s) for s in r["sentences"])
+        self.image_ids = sorted(by_image)
+        self.pairs = [by_image[i] for i in self.image_ids]  # per image: [(ref, sentence), ...]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _item(self, index: int, image: Image.Image, picks: Sequence[tuple[dict, str]],
+              with_original: bool = False) -> dict:
+        """Encode one image and its chosen (ref, sentence) pairs; each instance mask decoded once.
+
+        with_original adds `gt_original`: the (H, W) uint8 mask of every sentence's instance.
+        """
+        info = self.data.images[self.image_ids[index]]
+        if image.size != (info["width"], info["height"]):  # masks would not line up
+            raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
+                             f"says {info['width']}x{info['height']} (image id {info['id']})")
+        clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size)
+        masks = {a: self.data.mask(a) for a in dict.fromkeys(r["ann_id"] for r, _ in picks)}
+        framed = {a: mask_to_frame(m, valid, self.sam_size) for a, m in masks.items()}
+        refs = [r for r, _ in picks]
+        sentences = [s for _, s in picks]
+        item = {
+            "clip_image": clip_image, "sam_image": sam_image,
+            "tokens": self.tokenizer(sentences, context_length=self.context_length),
+            "sentences": sentences,
+            "masks": np.stack([framed[r["ann_id"]] for r in refs]),  # (n, S, S) uint8
+            "ann_ids": [r["ann_id"] for r in refs], "ref_ids": [r["ref_id"] for r in refs],
+            "category_ids": [r["category_id"] for r in refs],
+            "image_id": info["id"], "input_size": valid,
+            "original_size": (info["height"], info["width"]),
+        }
+        if with_original:
+            item["gt_original"] = [masks[r["ann_id"]] for r in refs]
+        return item
+
+
+class RefTrainSet(_ImageSet):
+    """Training items for instance contrastive learning (§3.3, §4.2): one image, b sentences.
+
+    The b sentences are drawn from all training refs of the image, so they may describe the same
+    or different instances; their ann_ids become the ICL target (same id -> same instance).
+    When the image has fewer than b sentences, all are used and the remainder is filled by
+    sampling them again, with each word of a repeat dropped with probability `word_drop`
+    (default 0.2, at least one word kept), so repeats are not verbatim copies.
+
+    Randomness comes from numpy's Generator seeded with (seed, epoch, index) only: an item is
+    the same whichever worker or rank loads it, and a resumed run replays it exactly. Call
+    `set_epoch(e)` before each epoch (with `persistent_workers=True` the workers keep the copy of
+    the dataset they were started with, so do not combine the two).
+
+    An image that cannot be opened is skipped with a logged warning and replaced by the next
+    index (deterministically); `max_skips` consecutive failures raise.
+
+    Use with a DataLoader over image indices (batch_size = B images, optionally a
+    DistributedSampler) and `collate`, which flattens the b sentences of every image.
+    """
+
+    def __init__(self, refs_data: Union[RefData, Sequence[RefData]], tokenizer,
+                 clip_size: int = 480, sam_size: int = 1024, sentences_per_image: int = 4,
+                 seed: int = 0, split: str = "train", word_drop: float = 0.2,
+                 unseen_categories: Optional[Collection[int]] = None, context_length: int = 77,
+                 max_skips: int = 16):
+        datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
+        combined = combine_for_training(datas, split)
+        refs = combined.refs
+        if unseen_categories is not None:  # open-vocabulary training (Table 2): seen only
+            refs = split_seen_unseen(refs, unseen_categories)["seen"]
+        if not refs:
+            raise ValueError(f"no '{split}' refs left in {combined.dataset} after removing "
+                             "evaluation images and unseen categories")
+        super().__init__(combined, refs, tokenizer, clip_size, sam_size, context_length)
+        self.sentences_per_image = sentences_per_image
+        self.seed = seed
+        self.word_drop = word_drop
+        self.max_skips = max_skips
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def sample_sentences(self, index: int, rng: np.random.Generator) -> list[tuple[dict, str]]:
+        """b (ref, sentence) pairs for image `index`: without replacement, then masked repeats."""
+        pairs = self.pairs[index]
+        b = self.sentences_per_image
+        order = rng.permutation(len(pairs))[:b]
+        picks = [pairs[i] for i in order]
+        for i in rng.integers(0, len(pairs), size=b - len(picks)):
+            ref, sentence = pairs[i]
+            picks.append((ref, drop_words(sentence, rng, self.word_drop)))
+        return picks
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(self.max_skips + 1):
+            i = (index + attempt) % len(self)
+            path = self.data.images[self.image_ids[i]]["path"]
+            try:
+                image = _open_image(path)
+            except OSError as e:
+                logger.warning("skipping training image %d: %s; using image %d instead",
+                               i, e, (i + 1) % len(self))
+                continue
+            return self._item(i, image, self.sample_sentences(i, self.rng(i)))
+        path = self.data.images[self.image_ids[index]]["path"]
+        raise OSError(f"{self.max_skips + 1} consecutive training images could not be opened, "
+                      f"starting at index {index} ({path})")
+
+
+class RefEvalSet(_ImageSet):
+    """Evaluation items: one image with every (ref, sentence) pair of `split` (each ref x each
+    sentence), plus `gt_original` masks at the original resolution for the metrics (§4.1).
+
+    `category_ids` optionally keeps only refs of those categories (e.g. the unseen split of the
+    open-vocabulary setting). An image that cannot be opened raises OSError naming the file.
+    """
+
+    def __init__(self, refs_data: RefData, split: str, tokenizer, clip_size: int = 480,
+                 sam_size: int = 1024, category_ids: Optional[Collection[int]] = None,
+                 context_length: int = 77):
+        refs = refs_data.split_refs(split)
+        if category_ids is not None:
+            keep = set(category_ids)
+            refs = [r for r in refs if r["category_id"] in keep]
+        super().__init__(refs_data, refs, tokenizer, clip_size, sam_size, context_length)
+        self.split = split
+
+    def __getitem__(self, index: int) -> dict:
+        image = _open_image(self.data.images[self.image_ids[index]]["path"])
+        return self._item(index, image, self.pairs[index], with_original=True)
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Items of RefTrainSet / RefEvalSet -> the batch dict of CONTRACT.md.
+
+    Sentences of all images are flattened in item order; `image_index[n]` says which image
+    sentence n belongs to. Besides the contract's keys, `category_ids` (N,) long is included
+    (for the seen/unseen report of the open-vocabulary setting).
+    """
+    counts = torch.tensor([len(it["sentences"]) for it in items])
+    batch = {
+        "clip_images": torch.stack([it["clip_image"] for it in items]),  # (B, 3, Hc, Hc)
+        "sam_images": torch.stack([it["sam_image"] for it in items]),  # (B, 3, S, S)
+        "tokens": torch.cat([it["tokens"] for it in items]),  # (N, 77)
+        "image_index": torch.repeat_interleave(torch.arange(len(items)), counts),  # (N,)
+        "instance_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
+        "masks": torch.from_numpy(np.concatenate([it["masks"] for it in items])).float(),
+        "image_ids": torch.tensor([it["image_id"] for it in items]),
+        "input_sizes": torch.tensor([it["input_size"] for it in items]),  # (B, 2)
+        "original_sizes": torch.tensor([it["original_size"] for it in items]),  # (B, 2)
+        "sentences": [s for it in items for s in it["sentences"]],
+        "ref_ids": torch.tensor([r for it in items for r in it["ref_ids"]]),
+        "ann_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
+        "category_ids": torch.tensor([c for it in items for c in it["category_ids"]]),
+    }
+    if all("gt_original" in it for it in items):
+        batch["gt_original"] = [m for it in items for m in it["gt_original"]]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Built-in referring dataset ("synth"), written in the real RefCOCO layout
+# ---------------------------------------------------------------------------------------------
+# Coloured shapes on a light background, each referred to by expressions that need the words to
+# tell the objects apart ("the red circle", "the largest triangle", "the shape above the green
+# star"). Every candidate expression is checked against all objects of its image and kept only
+# if exactly one object satisfies it. The files go through exactly the code path of RefCOCO:
+#     OUT/synth/refs(unc).p  (protocol-2 pickle of plain data, like the original files)
+#     OUT/synth/instances.json  (COCO polygons)
+#     OUT/images/train2014/COCO_train2014_%012d.jpg
+
+SYNTH_COLORS = {  # saturated and far apart in hue, so colour words are easy to ground
+    "red": (215, 30, 35), "green": (30, 160, 50), "blue": (35, 75, 215),
+    "yellow": (240, 205, 20), "purple": (145, 45, 185), "orange": (245, 125, 15),
+}
+SYNTH_SHAPES = ("circle", "square", "triangle", "star")  # COCO-style category ids 1..4
+_SYNTH_RADII = (0.10, 0.15, 0.21)  # size classes as a fraction of the shorter image side
+_SYNTH_BOUND = 1.15  # every shape fits in a circle of 1.15 r: used to forbid overlaps
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """(K, 2) vertices of a shape centred at (cx, cy) with nominal radius r."""
+    if shape == "circle":
+        a = np.arange(32) * 2 * np.pi / 32
+        radius = np.full(32, r)
+    elif shape == "square":
+        a = np.pi / 4 + np.arange(4) * np.pi / 2
+        radius = np.full(4, 0.75 * r * math.sqrt(2))
+    elif shape == "triangle":  # pointing up
+        a = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        radius = np.full(3, _SYNTH_BOUND * r)
+    else:  # five-pointed star
+        a = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radius = np.where(np.arange(10) % 2 == 0, _SYNTH_BOUND * r, 0.5 * _SYNTH_BOUND * r)
+    return np.stack([cx + radius * np.cos(a), cy + radius * np.sin(a)], axis=1)
+
+
+def _polygon_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _place_objects(rng: np.random.Generator, width: int, height: int) -> list[dict]:
+    """2-4 non-overlapping shapes, mostly distinct colours, clearly different sizes."""
+    n = int(rng.integers(2, 5))
+    colors = list(rng.choice(list(SYNTH_COLORS), size=n, replace=False))
+    if n > 2 and rng.random() < 0.3:  # sometimes a repeated colour, so shape words matter
+        colors[-1] = colors[0]
+    side = min(width, height)
+    objects: list[dict] = []
+    for color in colors:
+        r = side * (_SYNTH_RADII[rng.integers(len(_SYNTH_RADII))] + rng.uniform(-0.01, 0.01))
+        bound = _SYNTH_BOUND * r
+        for _ in range(100):
+            cx = rng.uniform(bound + 1, width - bound - 1)
+            cy = rng.uniform(bound + 1, height - bound - 1)
+            if all(math.hypot(cx - o["cx"], cy - o["cy"]) > bound + o["bound"] + 3
+                   for o in objects):
+                shape = SYNTH_SHAPES[rng.integers(len(SYNTH_SHAPES))]
+                poly = _shape_polygon(shape, cx, cy, r)
+                objects.append({"color": color, "shape": shape, "cx": cx, "cy": cy, "bound": bound,
+                                "polygon": poly, "area": _polygon_area(poly)})
+                break
+    return objects
+
+
+def _extreme(members: list[int], key, margin: float) -> Optional[int]:
+    """The member with the largest key if it beats the runner-up by more than margin."""
+    if len(members) < 2:
+        return None
+    ranked = sorted(members, key=key, reverse=True)
+    return ranked[0] if key(ranked[0]) - key(ranked[1]) > margin else None
+
+
+def _synth_expressions(objects: list[dict], width: int, height: int
+                       ) -> list[list[tuple[str, bool]]]:
+    """Unambiguous expressions per object: [(text, uses only colour/shape words), ...]."""
+    idx = range(len(objects))
+    found: list[list[tuple[str, bool]]] = [[] for _ in objects]
+
+    def add_if_unique(text: str, members: list[int], simple: bool = False) -> None:
+        if len(members) == 1 and text not in (t for t, _ in found[members[0]]):
+            found[members[0]].append((text, simple))
+
+    def where(**attrs) -> list[int]:
+        return [i for i in idx if all(objects[i][k] == v for k, v in attrs.items())]
+
+    for o in objects:  # attribute words
+        c, s = o["color"], o["shape"]
+        add_if_unique(f"the {c} {s}", where(color=c, shape=s), True)
+        add_if_unique(f"{c} {s}", where(color=c, shape=s), True)
+        add_if_unique(f"the {c} shape", where(color=c), True)
+        add_if_unique(f"the {s}", where(shape=s), True)
+
+    groups = [("shape", list(idx))] + [(s, where(shape=s)) for s in SYNTH_SHAPES] + [
+        (f"{c} shape", where(color=c)) for c in SYNTH_COLORS] + [
+        (f"{c} {s}", where(color=c, shape=s)) for c in SYNTH_COLORS for s in SYNTH_SHAPES]
+    dx, dy = 0.12 * width, 0.12 * height
+    for noun, members in groups:  # superlatives inside a group
+        two = len(members) == 2
+        for text, key, margin in (
+            (f"the {noun} on the left" if noun != "shape" else "the leftmost shape",
+             lambda i: -objects[i]["cx"], dx),
+            (f"{noun} on the right" if noun != "shape" else "rightmost shape",
+             lambda i: objects[i]["cx"], dx),
+            (f"the {noun} at the top", lambda i: -objects[i]["cy"], dy),
+            (f"the {noun} at the bottom", lambda i: objects[i]["cy"], dy),
+            (f"the {'big' if two else 'largest'} {noun}",
+             lambda i: math.log(objects[i]["area"]), math.log(1.4)),
+            (f"the {'small' if two else 'smallest'} {noun}",
+             lambda i: -math.log(objects[i]["area"]), math.log(1.4)),
+        ):
+            best = _extreme(members, key, margin)
+            if best is not None:
+                add_if_unique(text, [best])
+
+    for b, anchor in enumerate(objects):  # relations to an anchor named by a unique description
+        names = [t[len("the "):] for t, simple in found[b] if simple and t.startswith("the ")]
+        if not names:
+            continue
+        name = names[0]
+        for rel, test in (
+            ("above", lambda o: anchor["cy"] - o["cy"] > 1.2 * abs(o["cx"] - anchor["cx"])),
+            ("below", lambda o: o["cy"] - anchor["cy"] > 1.2 * abs(o["cx"] - anchor["cx"])),
+            ("left of", lambda o: anchor["cx"] - o["cx"] > 1.2 * abs(o["cy"] - anchor["cy"])),
+            ("right of", lambda o: o["cx"] - anchor["cx"] > 1.2 * abs(o["cy"] - anchor["cy"])),
+        ):
+            matches = [i for i in idx if i != b and test(objects[i])]
+            add_if_unique(f"the shape {rel} the {name}", matches)
+    return found
+
+
+def _choose_expressions(found: list[tuple[str, bool]], rng: np.random.Generator) -> list[str]:
+    """2-3 expressions, the first one using colour/shape words whenever possible."""
+    simple = [t for t, s in found if s]
+    first = simple[rng.integers(len(simple))] if simple else found[rng.integers(len(found))][0]
+    rest = [t for t, _ in found if t != first]
+    k = min(len(rest), int(rng.integers(1, 3)))
+    return [first] + [rest[i] for i in rng.choice(len(rest), size=k, replace=False)]
+
+
+def _render(objects: list[dict], width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Plain or lightly textured light background, shapes filled in slightly jittered colours."""
+    gray = rng.uniform(175, 240)
+    background = np.clip(gray + rng.uniform(-12, 12, 3), 0, 255)
+    pixels = np.broadcast_to(background, (height, width, 3)).astype(np.float32)
+    if rng.random() < 0.5:
+        pixels = pixels + rng.normal(0, 5, (height, width, 1)).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        color = np.clip(np.array(SYNTH_COLORS[o["color"]]) + rng.integers(-12, 13, 3), 0, 255)
+        draw.polygon([tuple(p) for p in o["polygon"].tolist()], fill=tuple(int(c) for c in color))
+    return image
+
+
+def make_synth(out_dir: str, seed: int = 0, n_train: int = 600, n_val: int = 60,
+               n_testA: int = 60, n_testB: int = 60) -> str:
+    """Write the synthetic referring dataset under out_dir; returns out_dir (the DATA_ROOT).
+
+    Byte-identical output for a given seed. Read it back with load_refs(out_dir, "synth", "unc").
+    """
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(out_dir, "images", "train2014")
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "synth"), exist_ok=True)
+    splits = ["train"] * n_train + ["val"] * n_val + ["testA"] * n_testA + ["testB"] * n_testB
+    images, annotations, refs = [], [], []
+    for image_id, split in enumerate(splits, start=1):
+        while True:  # resample until every object can be referred to unambiguously
+            width, height = (int(v) for v in rng.integers(160, 241, size=2))
+            objects = _place_objects(rng, width, height)
+            found = _synth_expressions(objects, width, height)
+            if len(objects) >= 2 and all(found):
+                break
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        _render(objects, width, height, rng).save(os.path.join(image_dir, file_name), quality=90)
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+        for o, expressions in zip(objects, found):
+            ann_id, category_id = len(annotations) + 1, SYNTH_SHAPES.index(o["shape"]) + 1
+            poly = np.round(o["polygon"], 2)
+            x0, y0 = poly.min(0)
+            x1, y1 = poly.max(0)
+            annotations.append({
+                "id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+                "segmentation": [[float(v) for v in poly.reshape(-1)]],
+                "area": round(_polygon_area(poly), 2),
+                "bbox": [float(x0), float(y0), float(round(x1 - x0, 2)), float(round(y1 - y0, 2))]})
+            first_sent = sum(len(r["sentences"]) for r in refs) + 1
+            sentences = [{"tokens": t.split(), "raw": t, "sent_id": first_sent + k, "sent": t}
+                         for k, t in enumerate(_choose_expressions(expressions, rng))]
+            refs.append({"ref_id": len(refs) + 1, "ann_id": ann_id, "image_id": image_id,
+                         "split": split, "sentences": sentences, "category_id": category_id,
+                         "sent_ids": [s["sent_id"] for s in sentences],
+                         "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg"})
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"}
+                  for i, s in enumerate(SYNTH_SHAPES)]
+    with open(os.path.join(out_dir, "synth", "instances.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    with open(os.path.join(out_dir, "synth", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python data.py stats ...` / `python data.py synth ...` (callable from tests with argv)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats = sub.add_parser("stats", help="refs, sentences and images per split")
+    stats.add_argument("--data-root", required=True)
+    stats.add_argument("--dataset", required=True, help="refcoco | refcoco+ | refcocog | synth")
+    stats.add_argument("--split-by", required=True, help="unc | umd | google")
+    stats.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
+    synth = sub.add_parser("synth", help="write the built-in synthetic referring dataset")
+    synth.add_argument("--out", required=True, help="DATA_ROOT to write into")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--images", type=int, default=600,
+                       help="training images; val, testA and testB get a tenth of it each (min 1)")
+    args = parser.parse_args(argv)
+
+    if args.command == "stats":
+        data = load_refs(args.data_root, args.dataset, args.split_by)
+        counts = split_stats(data)
+        print(f"{args.dataset} ({args.split_by}): {len(data.refs)} refs, "
+              f"{len(data.images)} images, {len(data.categories)} categories")
+        for split, c in counts.items():
+            print(f"  {split:>6}: {c['refs']:7d} refs {c['sentences']:7d} sentences "
+                  f"{c['images']:6d} images")
+        if args.json:
+            print(json.dumps({"dataset": args.dataset, "split_by": args.split_by,
+                              "splits": counts}))
+    else:
+        n_eval = max(1, args.images // 10)
+        make_synth(args.out, seed=args.seed, n_train=args.images, n_val=n_eval, n_testA=n_eval,
+                   n_testB=n_eval)
+        print(f"wrote synth dataset to {args.out}: load_refs({args.out!r}, 'synth', 'unc')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""data.py: COCO mask decoding (vs pycocotools), refer-format reading, instance-contrastive
+sampling, letterbox geometry, the batch dict, the stats CLI and the synthetic dataset."""
+import json
+import logging
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from clip_vit import Tokenizer
+from sam import resize_longest_side_shape
+
+# pycocotools 2.0.11 warns about numpy 2's copy keyword on every decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+CLIP_SIZE, SAM_SIZE = 64, 128  # small frames keep the tests fast; geometry is size-independent
+
+
+class CharTokenizer:
+    """Stand-in with the Tokenizer call signature: one id per character, 0-padded."""
+
+    def __call__(self, texts, context_length=77):
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [1] + [ord(c) for c in t][: context_length - 2] + [2]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return data.make_synth(str(tmp_path_factory.mktemp("synth")), seed=3, n_train=12, n_val=4,
+                           n_testA=3, n_testB=3)
+
+
+@pytest.fixture(scope="module")
+def synth(synth_root):
+    return data.load_refs(synth_root, "synth", "unc")
+
+
+def train_set(refs_data, **kw):
+    kw = {"clip_size": CLIP_SIZE, "sam_size": SAM_SIZE, **kw}
+    return data.RefTrainSet(refs_data, CharTokenizer(), **kw)
+
+
+# ---- COCO masks vs pycocotools ------------------------------------------------------------------
+
+
+def random_polygons(rng, h, w, kind):
+    """Polygon parts of one kind: the cases where a rasterizer's rounding decisions show."""
+    parts = []
+    for _ in range(rng.integers(1, 4)):  # multi-part
+        k = int(rng.integers(3, 14))
+        if kind == "concave":  # star-like, vertices at alternating radii
+            a = np.sort(rng.uniform(0, 2 * np.pi, k))
+            rad = rng.uniform(0.2, 0.5, k) * min(h, w) * np.where(np.arange(k) % 2, 0.4, 1.0)
+            xy = np.stack([w / 2 + rad * np.cos(a), h / 2 + rad * np.sin(a)], 1).reshape(-1)
+        elif kind == "border":  # touching and crossing the image border
+            xy = rng.uniform(-4, max(h, w) + 4, 2 * k)
+        elif kind == "repeated":  # repeated vertices: zero-length edges
+            xy = np.repeat(rng.integers(0, max(h, w), (k, 2)), rng.integers(1, 3, k), 0)
+            xy = xy.reshape(-1).astype(float)
+        elif kind == "integer":
+            xy = rng.integers(0, max(h, w), 2 * k).astype(float)
+        elif kind == "half":  # on the x.5 / x.1 boundaries of the 5x grid
+            xy = rng.integers(0, 10 * max(h, w), 2 * k) / 10.0
+        else:  # tiny: sub-pixel to a few pixels
+            xy = rng.uniform(0, 2.5, 2 * k) + rng.uniform(0, max(h, w) - 3)
+        parts.append([float(v) for v in xy])
+    return parts
+
+
+POLYGON_KINDS = ["concave", "border", "repeated", "integer", "half", "tiny"]
+
+
+@pytest.mark.parametrize("kind", POLYGON_KINDS)
+def test_decode_polygons_equal_pycocotools(kind):
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(POLYGON_KINDS.index(kind))
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        parts = random_polygons(rng, h, w, kind)
+        expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, h, w)))
+        np.testing.assert_array_equal(data.decode_mask(parts, h, w), expected,
+                                      err_msg=f"trial {trial} {h}x{w}")
+
+
+def test_decode_large_polygon_equals_pycocotools():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(7)
+    h, w = 480, 640
+    a = np.sort(rng.uniform(0, 2 * np.pi, 300))
+    rad = rng.uniform(50, 230, 300)
+    part = np.stack([320 + rad * np.cos(a), 240 + rad * np.sin(a)], 1).reshape(-1).tolist()
+    expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects([part], h, w)))
+    np.testing.assert_array_equal(data.decode_mask([part], h, w), expected)
+
+
+def test_decode_uncompressed_rle_equals_pycocotools():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        flat = np.concatenate([[0], m.T.reshape(-1)])  # column-major, starting with zeros
+        edges = np.flatnonzero(np.diff(flat)) + 1
+        counts = np.diff(np.concatenate([[1], edges, [h * w + 1]])).tolist()  # iscrowd-style
+        rle = {"counts": counts, "size": [h, w]}
+        expected = mask_api.decode(mask_api.frPyObjects(rle, h, w))
+        np.testing.assert_array_equal(data.decode_mask(rle, h, w), expected)
+        np.testing.assert_array_equal(expected, m)
+
+
+def test_decode_compressed_rle_equals_pycocotools():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        m = (rng.random((h, w)) < rng.random() ** 3).astype(np.uint8)  # long and short runs
+        rle = mask_api.encode(np.asfortranarray(m))
+        np.testing.assert_array_equal(data.decode_mask(rle, h, w), m)  # bytes counts
+        as_json = {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
+        np.testing.assert_array_equal(data.decode_mask(as_json, h, w), m)  # str counts
+
+
+@pytest.mark.parametrize("segmentation, message", [
+    ({"counts": [3, 2], "size": [2, 2]}, "sum to 5"),
+    ({"counts": [4], "size": [3, 2]}, "differs from the image size"),
+    ({"counts": "0\x7f", "size": [2, 2]}, "invalid character"),
+    ([[0.0, "a", 1.0]], "polygon part 0"),
+    ("not a mask", "segmentation must be"),
+])
+def test_decode_mask_rejects_malformed_input(segmentation, message):
+    with pytest.raises(ValueError, match=message):
+        data.decode_mask(segmentation, 2, 2)
+
+
+# ---- refer records ------------------------------------------------------------------------------
+
+
+def write_tree(root, refs, instances, fmt="p", dataset="refcoco", split_by="unc"):
+    folder = os.path.join(root, dataset)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "instances.json"), "w") as f:
+        json.dump(instances, f)
+    path = os.path.join(folder, f"refs({split_by}).{'p' if fmt == 'p' else 'json'}")
+    with open(path, "wb" if fmt == "p" else "w") as f:
+        pickle.dump(refs, f, protocol=2) if fmt == "p" else json.dump(refs, f)
+    return path
+
+
+def tiny_records():
+    """Two images, three refs, in the refer API's exact field layout."""
+    sq = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+    instances = {
+        "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 20, "width": 30}
+                   for i in (9, 7)],
+        "annotations": [{"id": 100, "image_id": 9, "category_id": 1, "segmentation": sq},
+                        {"id": 101, "image_id": 9, "category_id": 18, "segmentation": sq},
+                        {"id": 102, "image_id": 7, "category_id": 1, "segmentation": sq}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]}
+
+    def ref(ref_id, ann_id, image_id, cat, split, sents):
+        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": cat,
+                "split": split, "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                "sent_ids": list(range(len(sents))),
+                "sentences": [{"tokens": s.split(), "raw": s.upper(), "sent_id": i, "sent": s}
+                              for i, s in enumerate(sents)]}
+    refs = [ref(0, 100, 9, 1, "train", ["man left", "guy in red"]),
+            ref(1, 101, 9, 18, "train", ["dog"]),
+            ref(2, 102, 7, 1, "val", ["woman"])]
+    return refs, instances
+
+
+def py2_pickle(obj) -> bytes:
+    """A protocol-2 pickle as Python 2 writes it: str as SHORT_BINSTRING bytes, not unicode."""
+    def emit(o):
+        if isinstance(o, list):
+            return b"]" + b"".join(emit(v) + b"a" for v in o)
+        if isinstance(o, dict):
+            return b"}" + b"".join(emit(k) + emit(v) + b"s" for k, v in o.items())
+        if isinstance(o, str):
+            raw = o.encode("utf-8")
+            return b"U" + bytes([len(raw)]) + raw
+        return b"J" + struct.pack("<i", o)
+    return b"\x80\x02" + emit(obj) + b"."
+
+
+def test_pickle_and_json_give_the_same_records(tmp_path):
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path / "p"), refs, instances, "p")
+    write_tree(str(tmp_path / "j"), refs, instances, "json")
+    from_pickle = data.load_refs(str(tmp_path / "p"), "refcoco", "unc")
+    from_json = data.load_refs(str(tmp_path / "j"), "refcoco", "unc")
+    assert from_pickle.refs == from_json.refs
+    assert from_pickle.refs[0]["sentences"] == ["man left", "guy in red"]  # 'sent', not 'raw'
+    assert set(from_pickle.anns) == {100, 101, 102} and from_pickle.categories[18] == "dog"
+    assert from_pickle.images[9]["path"].endswith(
+        os.path.join("images", "train2014", "COCO_train2014_000000000009.jpg"))
+
+
+def test_python2_pickle_with_byte_strings_loads(tmp_path):
+    refs, instances = tiny_records()
+    refs[0]["sentences"][0]["sent"] = "man in caf\u00e9"
+    path = write_tree(str(tmp_path), refs, instances)
+    with open(path, "wb") as f:
+        f.write(py2_pickle(refs))
+    loaded = data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert loaded.refs[0]["sentences"][0] == "man in caf\u00e9"
+
+
+def test_refer_api_image_layout_is_found(tmp_path):
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path), refs, instances)
+    os.makedirs(tmp_path / "images" / "mscoco" / "images" / "train2014")
+    loaded = data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert os.path.join("mscoco", "images", "train2014") in loaded.images[9]["path"]
+
+
+@pytest.mark.parametrize("fmt", ["p", "json"])
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: r.pop("ann_id"), r"record 1 \(ref_id 1\): missing field 'ann_id'"),
+    (lambda r: r.update(image_id="9"), r"record 1 \(ref_id 1\): field 'image_id' should be int"),
+    (lambda r: r.update(sentences=[{"tokens": []}]), r"record 1 \(ref_id 1\): sentence 0"),
+    (lambda r: r.update(ann_id=999), r"record 1 \(ref_id 1\): ann_id 999 is not in"),
+])
+def test_malformed_record_error_names_file_and_record(tmp_path, fmt, breakage, message):
+    refs, instances = tiny_records()
+    breakage(refs[1])
+    path = write_tree(str(tmp_path), refs, instances, fmt)
+    with pytest.raises(ValueError, match=message) as info:
+        data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert path in str(info.value)
+
+
+def test_malformed_annotation_error_names_instances_file(tmp_path):
+    refs, instances = tiny_records()
+    del instances["annotations"][1]["segmentation"]
+    write_tree(str(tmp_path), refs, instances)
+    with pytest.raises(ValueError, match=r"instances.json: annotations\[1\] \(id 101\): missing "
+                                         r"field 'segmentation'"):
+        data.load_refs(str(tmp_path), "refcoco", "unc")
+
+
+def test_truncated_pickle_error_names_the_file(tmp_path):
+    refs, instances = tiny_records()
+    path = write_tree(str(tmp_path), refs, instances)
+    with open(path, "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(ValueError, match="not a readable pickle") as info:
+        data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert path in str(info.value)
+
+
+def test_missing_refs_file_names_the_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"refs\(umd\)\.p"):
+        data.load_refs(str(tmp_path), "refcocog", "umd")
+
+
+class WritesMarker:
+    """A pickle payload that creates a file when unpickled by plain pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_restricted_unpickler_refuses_code_without_running_it(tmp_path):
+    refs, instances = tiny_records()
+    marker = str(tmp_path / "pwned")
+    refs[0]["sentences"][0]["sent"] = WritesMarker(marker)
+    path = write_tree(str(tmp_path), refs, instances)
+    refused = r"refusing to load '(io|builtins)\.open'"
+    with pytest.raises(data.UnsafePickleError, match=refused) as info:
+        data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert path in str(info.value)
+    assert not os.path.exists(marker)
+    with open(path, "rb") as f:  # the payload is live: plain pickle would have run it
+        pickle.load(f)
+    assert os.path.exists(marker)
+
+
+def test_combined_training_set_drops_every_eval_image(tmp_path):
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path / "a"), refs, instances)
+    a = data.load_refs(str(tmp_path / "a"), "refcoco", "unc")
+    other = [dict(r, split="train") for r in refs]  # image 7 is val in `a` but train here
+    other[0] = dict(other[0], split="test")  # and image 9 is test here
+    write_tree(str(tmp_path / "b"), other, instances, dataset="refcocog", split_by="umd")
+    b = data.load_refs(str(tmp_path / "b"), "refcocog", "umd")
+    assert {r["image_id"] for r in data.combine_for_training([a]).refs} == {9}
+    assert data.combine_for_training([a, b]).refs == []
+
+
+def test_seen_unseen_split_uses_ovr_cnn_unseen_ids():
+    assert len(data.OV_UNSEEN_CATEGORIES) == 17 and data.OV_UNSEEN_CATEGORIES[18] == "dog"
+    refs, _ = tiny_records()
+    parts = data.split_seen_unseen(refs)
+    assert [r["ref_id"] for r in parts["seen"]] == [0, 2]
+    assert [r["ref_id"] for r in parts["unseen"]] == [1]
+
+
+# ---- instance-contrastive sampling --------------------------------------------------------------
+
+
+def test_train_item_has_b_sentences_with_their_instance_ids(synth):
+    ds = train_set(synth, sentences_per_image=4)
+    sentence_to_anns = {}
+    for r in synth.refs:
+        for s in r["sentences"]:
+            sentence_to_anns.setdefault((r["image_id"], s), set()).add(r["ann_id"])
+    for index in range(len(ds)):
+        item = ds[index]
+        assert len(item["sentences"]) == 4 and item["tokens"].shape == (4, 77)
+        full = [s for s in item["sentences"] if (item["image_id"], s) in sentence_to_anns]
+        assert len(full) >= min(4, len(ds.pairs[index]))
+        for s, a in zip(item["sentences"], item["ann_ids"]):
+            if (item["image_id"], s) in sentence_to_anns:
+                assert a in sentence_to_anns[(item["image_id"], s)]
+            assert synth.anns[a]["image_id"] == item["image_id"]
+
+
+def test_train_masks_are_the_referred_instances(synth):
+    ds = train_set(synth)
+    item = ds[0]
+    for mask, ann_id in zip(item["masks"], item["ann_ids"]):
+        expected = data.mask_to_frame(synth.mask(ann_id), item["input_size"], SAM_SIZE)
+        np.testing.assert_array_equal(mask, expected)
+        assert mask.sum() > 0
+
+
+def test_few_sentences_are_repeated_with_words_dropped(synth):
+    ds = train_set(synth, sentences_per_image=12, word_drop=0.5)
+    item = ds[0]
+    n = len(ds.pairs[0])
+    assert n < 12 and len(item["sentences"]) == 12
+    originals = {s: r["ann_id"] for r, s in ds.pairs[0]}
+    assert sorted(item["sentences"][:n]) == sorted(originals)  # every sentence once, in full
+    assert all(s not in originals for s in item["sentences"][n:])  # every repeat lost words
+    for s, a in zip(item["sentences"][n:], item["ann_ids"][n:]):
+        assert s.split()  # at least one word kept
+        sources = [o for o in originals if originals[o] == a]
+        assert any(set(s.split()) <= set(o.split()) for o in sources)
+
+
+def test_items_depend_only_on_seed_epoch_and_index(synth):
+    ds = train_set(synth, seed=5)
+    first = [ds[i]["sentences"] for i in range(len(ds))]
+    again = [ds[i]["sentences"] for i in reversed(range(len(ds)))][::-1]  # any access order
+    assert first == again
+    other_seed = train_set(synth, seed=6)
+    ds.set_epoch(1)
+    assert [ds[i]["sentences"] for i in range(len(ds))] != first
+    ds.set_epoch(0)
+    assert [ds[i]["sentences"] for i in range(len(ds))] == first
+    assert [other_seed[i]["sentences"] for i in range(len(ds))] != first
+
+
+def test_items_are_the_same_in_a_worker_process(synth):
+    ds = train_set(synth, seed=2)
+    ds.set_epoch(3)
+    loaders = [torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate, num_workers=n)
+               for n in (0, 1)]
+    main, worker = (next(iter(loader)) for loader in loaders)
+    assert main["sentences"] == worker["sentences"]
+    assert torch.equal(main["masks"], worker["masks"])
+    assert torch.equal(main["sam_images"], worker["sam_images"])
+
+
+def test_clip_and_sam_frames_share_the_letterbox_geometry(synth):
+    item = train_set(synth, clip_size=96, sam_size=256)[1]
+    h, w = item["original_size"]
+    assert item["input_size"] == resize_longest_side_shape(h, w, 256)
+    for image, size in ((item["clip_image"], 96), (item["sam_image"], 256)):
+        vh, vw = resize_longest_side_shape(h, w, size)
+        assert image.shape == (3, size, size)
+        assert image[:, vh:].abs().sum() == 0 and image[:, :, vw:].abs().sum() == 0  # pad = 0
+        assert image[:, vh - 1, :vw].abs().sum() > 0 and image[:, :vh, vw - 1].abs().sum() > 0
+    # same picture: the SAM frame downsampled to CLIP's size matches the CLIP frame in colour
+    sam_rgb = item["sam_image"] * torch.tensor(data.SAM_STD).view(3, 1, 1) + torch.tensor(
+        data.SAM_MEAN).view(3, 1, 1)
+    clip_rgb = item["clip_image"] * torch.tensor(data.CLIP_STD).view(3, 1, 1) * 255 + torch.tensor(
+        data.CLIP_MEAN).view(3, 1, 1) * 255
+    small = torch.nn.functional.interpolate(sam_rgb[None], size=96, mode="area")[0]
+    vh, vw = resize_longest_side_shape(h, w, 96)
+    assert (small - clip_rgb)[:, 2:vh - 2, 2:vw - 2].abs().mean() < 10
+
+
+def test_letterbox_pads_bottom_right_with_zero():
+    from PIL import Image
+    pixels, (h, w) = data.letterbox(Image.new("RGB", (50, 20), (200, 100, 50)), 100)
+    assert (h, w) == (40, 100) and pixels.shape == (3, 100, 100)
+    colour = torch.tensor([200.0, 100.0, 50.0]).view(3, 1, 1)
+    assert torch.equal(pixels[:, :40, :], colour.expand(3, 40, 100))
+    assert pixels[:, 40:].abs().sum() == 0
+
+
+def test_collate_builds_the_contract_batch(synth):
+    ds = train_set(synth, sentences_per_image=3)
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=2, rank=1, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=data.collate)
+    batch = next(iter(loader))
+    assert batch["clip_images"].shape == (2, 3, CLIP_SIZE, CLIP_SIZE)
+    assert batch["sam_images"].shape == (2, 3, SAM_SIZE, SAM_SIZE)
+    assert batch["tokens"].shape == (6, 77) and batch["tokens"].dtype == torch.long
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch["masks"].shape == (6, SAM_SIZE, SAM_SIZE) and batch["masks"].dtype == torch.float32
+    assert set(batch["masks"].unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(batch["instance_ids"], batch["ann_ids"])
+    assert batch["image_ids"].shape == (2,) and batch["input_sizes"].shape == (2, 2)
+    assert batch["original_sizes"].shape == (2, 2) and len(batch["sentences"]) == 6
+    assert batch["ref_ids"].shape == (6,) and batch["category_ids"].shape == (6,)
+    assert "gt_original" not in batch
+
+
+def test_eval_item_holds_every_sentence_and_original_masks(synth):
+    ds = data.RefEvalSet(synth, "val", CharTokenizer(), clip_size=CLIP_SIZE, sam_size=SAM_SIZE)
+    refs = synth.split_refs("val")
+    assert len(ds) == len({r["image_id"] for r in refs})
+    batch = data.collate([ds[i] for i in range(len(ds))])
+    assert len(batch["sentences"]) == sum(len(r["sentences"]) for r in refs)
+    for n, ann_id in enumerate(batch["ann_ids"].tolist()):
+        image = synth.images[int(batch["image_ids"][batch["image_index"][n]])]
+        assert batch["gt_original"][n].shape == (image["height"], image["width"])
+        np.testing.assert_array_equal(batch["gt_original"][n], synth.mask(ann_id))
+
+
+def test_real_tokenizer_fits_the_dataset(synth):
+    ds = data.RefEvalSet(synth, "testA", Tokenizer(), clip_size=CLIP_SIZE, sam_size=SAM_SIZE)
+    tokens = ds[0]["tokens"]
+    assert (tokens[:, 0] == 49406).all() and (tokens == 49407).sum(1).eq(1).all()
+
+
+def test_unreadable_training_image_is_skipped_with_a_log(synth_root, synth, caplog, tmp_path):
+    ds = train_set(synth)
+    broken = ds.data.images[ds.image_ids[2]]["path"]
+    original = open(broken, "rb").read()
+    try:
+        with open(broken, "wb") as f:
+            f.write(b"not a jpeg")
+        with caplog.at_level(logging.WARNING, logger="data"):
+            item = ds[2]
+        assert item["image_id"] == ds.image_ids[3]  # the next image, deterministically
+        assert item["sentences"] == ds[3]["sentences"]
+        assert broken in caplog.text and "skipping" in caplog.text
+        eval_set = data.RefEvalSet(synth, "train", CharTokenizer(), CLIP_SIZE, SAM_SIZE)
+        with pytest.raises(OSError, match="cannot open image .*" + os.path.basename(broken)):
+            eval_set[eval_set.image_ids.index(ds.image_ids[2])]
+    finally:
+        with open(broken, "wb") as f:
+            f.write(original)
+
+
+def test_image_size_disagreeing_with_annotation_names_the_file(synth):
+    images = {k: dict(v, width=v["width"] + 1) for k, v in synth.images.items()}
+    wrong = data.RefData(synth.dataset, synth.split_by, synth.refs, synth.anns, images)
+    ds = data.RefEvalSet(wrong, "val", CharTokenizer(), clip_size=CLIP_SIZE, sam_size=SAM_SIZE)
+    with pytest.raises(ValueError, match="but its annotation says") as info:
+        ds[0]
+    assert images[ds.image_ids[0]]["path"] in str(info.value)
+
+
+def test_bad_segmentation_error_names_file_and_annotation(synth):
+    broken = data.RefData(synth.dataset, synth.split_by, synth.refs, dict(synth.anns), synth.images)
+    ann_id = synth.refs[0]["ann_id"]
+    broken.anns[ann_id] = dict(broken.anns[ann_id], segmentation={"counts": [1], "size": [1, 1]})
+    with pytest.raises(ValueError, match=f"instances.json: annotation id {ann_id}: RLE size"):
+        broken.mask(ann_id)
+
+
+# ---- stats CLI and the synthetic dataset --------------------------------------------------------
+
+
+def test_stats_cli_prints_json_counts_last(synth_root, capsys):
+    assert data.main(["stats", "--data-root", synth_root, "--dataset", "synth", "--split-by",
+                      "unc", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(counts["splits"]) == ["train", "val", "testA", "testB"]
+    images = [counts["splits"][s]["images"] for s in ("train", "val", "testA", "testB")]
+    assert images == [12, 4, 3, 3]
+    assert counts["splits"]["train"]["sentences"] >= counts["splits"]["train"]["refs"] >= 24
+
+
+def test_synth_is_byte_identical_for_a_seed(tmp_path):
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(root) for f in fs}
+    for name in ("a", "b"):
+        data.main(["synth", "--out", str(tmp_path / name), "--seed", "1", "--images", "10"])
+    data.make_synth(str(tmp_path / "c"), seed=2, n_train=10, n_val=1, n_testA=1, n_testB=1)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert files(tmp_path / "a") != files(tmp_path / "c")
+
+
+def test_synth_expressions_name_exactly_one_object():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        objects = data._place_objects(rng, 200, 180)
+        found = data._synth_expressions(objects, 200, 180)
+        texts = [t for per_object in found for t, _ in per_object]
+        assert len(texts) == len(set(texts))  # no expression is given to two objects
+        for o, per_object in zip(objects, found):
+            for text, simple in per_object:
+                if simple:  # colour/shape words: this object and no other has those attributes
+                    words = set(text.split()) - {"the", "shape"}
+                    owners = [p for p in objects if words <= {p["color"], p["shape"]}]
+                    assert owners == [o], text
+
+
+def test_synth_loads_like_refcoco_with_sensible_objects(synth):
+    assert synth.splits() == ["train", "val", "testA", "testB"]
+    for r in synth.refs:
+        image = synth.images[r["image_id"]]
+        area = synth.mask(r["ann_id"]).mean()
+        assert 0.01 < area < 0.5, (r, image)
+        assert 2 <= len(r["sentences"]) <= 3
