@@ -1,0 +1,426 @@
+"""Prompt-RIS model and losses (prompt_ris.py): shapes, gradients, ablation switches and equations."""
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+from clip_vit import CLIPConfig
+from prompt_ris import (PROMPT_TYPES, CrossModalPrompting, LossConfig, PromptGenerator, PromptRIS, PromptRISConfig,
+                        dice_coefficient, icl_loss, prepare_text, seg_loss, straight_through_gumbel, total_loss)
+from sam import SAM, SAMConfig
+
+SOT, EOT = 49406, 49407
+
+
+def make_tokens(lengths, context=77, seed=0):
+    """(N, context) ids: SOT, `length` random word ids, EOT, zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), context, dtype=torch.long)
+    for n, length in enumerate(lengths):
+        tokens[n, 0] = SOT
+        tokens[n, 1:1 + length] = torch.randint(1, 1000, (length,), generator=g)
+        tokens[n, 1 + length] = EOT
+    return tokens
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return PromptRIS(dataclasses.replace(PromptRISConfig.tiny(), **overrides))
+
+
+def tiny_batch(seed=0):
+    """Two images, five sentences (three of image 0, two of image 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(clip_images=torch.randn(2, 3, 224, 224, generator=g),
+                sam_images=torch.randn(2, 3, 256, 256, generator=g),
+                tokens=make_tokens([3, 7, 2, 5, 4], seed=seed),
+                image_index=torch.tensor([0, 0, 0, 1, 1]),
+                instance_ids=torch.tensor([10, 10, 11, 20, 21]),
+                masks=(torch.rand(5, 256, 256, generator=g) > 0.7).float())
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in ("clip_images", "tokens", "image_index", "sam_images")}
+
+
+# ---- shapes ----
+
+
+def test_paper_config_output_shapes():
+    """CLIP 480 (30x30 grid), SAM 1024, n = 16, one image with b = 4 sentences. Random F_IS of the right
+    shape stands in for the SAM image encoder (about 15 s on 2 CPU cores for one 1024 image)."""
+    torch.manual_seed(0)
+    model = PromptRIS(PromptRISConfig.paper()).eval()
+    assert model.point_pe_table.shape == (256 * 256, 256)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 480, 480), make_tokens([3, 6, 9, 14]), torch.zeros(4, dtype=torch.long),
+                    sam_embeddings=torch.randn(1, 256, 64, 64))
+    assert out["coarse"].shape == (4, 30, 30)
+    assert out["mask"].shape == (4, 1024, 1024)
+    assert out["point"].shape == (4,) and int(out["point"].max()) < 256 * 256
+    assert torch.isfinite(out["mask"]).all()
+
+
+def test_tiny_config_output_shapes_in_train_and_eval_mode():
+    model, batch = tiny_model(), tiny_batch()
+    for mode in (True, False):
+        out = model.train(mode)(**model_inputs(batch))
+        assert set(out) == {"coarse", "mask", "point"}
+        assert out["coarse"].shape == (5, 14, 14)
+        assert out["mask"].shape == (5, 256, 256)
+        assert out["point"].shape == (5,) and int(out["point"].max()) < 64 * 64
+
+
+def test_use_sam_false_returns_only_the_coarse_mask():
+    model, batch = tiny_model(), tiny_batch()
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "sam_images"}
+    assert set(model(**inputs, use_sam=False)) == {"coarse"}
+    assert set(tiny_model(use_sam=False)(**inputs)) == {"coarse"}
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, batch = tiny_model(), tiny_batch()
+    inputs = model_inputs(batch)
+    with pytest.raises(ValueError, match="image_index"):
+        model(**{**inputs, "image_index": torch.tensor([0, 0, 0, 1, 2])})
+    with pytest.raises(ValueError, match="sam_embeddings"):
+        model(**{**inputs, "sam_images": None})
+    with pytest.raises(ValueError, match="prompts"):
+        model(**inputs, prompts=("box",))
+
+
+# ---- configuration ----
+
+
+@pytest.mark.parametrize("config", [PromptRISConfig.paper(), PromptRISConfig.tiny()])
+def test_config_round_trips_through_json(config):
+    assert PromptRISConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="cmp"):
+        PromptRISConfig(cmp="both_ways")
+    with pytest.raises(ValueError, match="prompts"):
+        PromptRISConfig(prompts=("mask", "box"))
+    with pytest.raises(ValueError, match="unknown keys.*'n_prompt'"):
+        PromptRISConfig.from_dict({**PromptRISConfig.tiny().to_dict(), "n_prompt": 3})
+    with pytest.raises(ValueError, match="PromptRISConfig.sam: unknown keys"):
+        PromptRISConfig.from_dict({"sam": {"depth": 3}})
+
+
+def test_cross_modal_prompting_needs_equal_depths():
+    with pytest.raises(ValueError, match="equal depths"):
+        CrossModalPrompting(dataclasses.replace(CLIPConfig.tiny(), text_layers=3), 4, "both")
+
+
+# ---- §3.2 Cross-Modal Prompting ----
+
+
+def test_cmp_modes_remove_modules():
+    """Table 4: each ablation builds only the prompt generators it uses."""
+    built = {mode: (tiny_model(cmp=mode).cmp.v2l is not None, tiny_model(cmp=mode).cmp.l2v is not None)
+             for mode in ("both", "v2l", "l2v", "none")}
+    assert built == {"both": (True, True), "v2l": (True, False), "l2v": (False, True), "none": (False, False)}
+    assert sum(p.numel() for p in tiny_model(cmp="none").cmp.parameters()) == 0
+
+
+def test_cmp_none_features_equal_plain_clip():
+    """With no prompts, the layer-by-layer encoding is CLIP's own encode_image / encode_text (77 tokens)."""
+    model = tiny_model(cmp="none").eval()
+    images, tokens = torch.randn(3, 3, 224, 224), make_tokens([2, 9, 4])
+    cut, valid, eot = prepare_text(tokens)
+    with torch.no_grad():
+        x_v, x_t = model.cmp(model.clip, images, cut, valid)
+        image = model.clip.visual.ln_post(x_v[:, 0]) @ model.clip.visual.proj
+        text = model.clip.ln_final(x_t[torch.arange(3), eot]) @ model.clip.text_projection
+        torch.testing.assert_close(image, model.clip.encode_image(images))
+        torch.testing.assert_close(text, model.clip.encode_text(tokens))
+
+
+def test_cutting_tokens_after_the_longest_sentence_is_exact():
+    """Causal mask + padding masks: features of real tokens do not depend on the padding length."""
+    model = tiny_model(cmp="both").eval()
+    images, tokens = torch.randn(3, 3, 224, 224), make_tokens([2, 9, 4])
+    cut, valid, eot = prepare_text(tokens)
+    assert cut.shape == (3, 11)
+    with torch.no_grad():
+        v_cut, t_cut = model.cmp(model.clip, images, cut, valid)
+        v_full, t_full = model.cmp(model.clip, images, tokens, torch.arange(77) <= eot[:, None])
+    torch.testing.assert_close(v_cut, v_full)
+    torch.testing.assert_close(t_cut[valid], t_full[:, :11][valid])
+
+
+def test_cmp_prompts_change_clip_features():
+    """Both directions act: V2L changes the text features, L2V the image features."""
+    batch = tiny_batch()
+    cut, valid, _ = prepare_text(batch["tokens"][:2])
+    images = batch["clip_images"][:1].expand(2, -1, -1, -1)
+    baseline = tiny_model(cmp="none")
+    with torch.no_grad():
+        base_v, base_t = baseline.cmp(baseline.clip, images, cut, valid)
+        for mode, text_changes, image_changes in (("v2l", True, False), ("l2v", False, True), ("both", True, True)):
+            model = tiny_model(cmp=mode)  # same seed: same CLIP weights as the baseline
+            assert torch.equal(model.clip.visual.proj, baseline.clip.visual.proj)
+            v, t = model.cmp(model.clip, images, cut, valid)
+            assert (not torch.allclose(t, base_t)) == text_changes, mode
+            assert (not torch.allclose(v, base_v)) == image_changes, mode
+
+
+def test_prompt_generator_gradcheck():
+    """CrossAttn(T, F) of Eq. (5)/(6) in float64, with padded keys masked, w.r.t. features and queries."""
+    torch.manual_seed(0)
+    gen = PromptGenerator(n=3, width=8, out_width=6, heads=2).double()
+    features = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    queries = gen.queries.detach().clone().requires_grad_(True)
+    key_mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    run = lambda f, q: torch.func.functional_call(gen, {"queries": q}, (f, key_mask))
+    assert gradcheck(run, (features, queries))
+
+
+def test_prompt_generator_ignores_masked_keys():
+    torch.manual_seed(0)
+    gen = PromptGenerator(n=3, width=8, out_width=6, heads=2)
+    features = torch.randn(1, 5, 8)
+    key_mask = torch.tensor([[True, True, True, False, False]])
+    changed = features.clone()
+    changed[:, 3:] = 100.0
+    torch.testing.assert_close(gen(features, key_mask), gen(changed, key_mask))
+
+
+# ---- §3.1 point prompt (Eq. 3) ----
+
+
+def test_gumbel_forward_is_exact_one_hot():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    m = straight_through_gumbel(logits, tau=0.7, sample=True)
+    assert torch.equal(m, F.one_hot(m.argmax(1), 50).float())
+    m = straight_through_gumbel(logits, sample=False)  # inference: argmax, no noise
+    assert torch.equal(m, F.one_hot(logits.argmax(1), 50).float())
+
+
+def test_gumbel_backward_is_softmax_jacobian():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    v, tau = torch.randn(3, 7, dtype=torch.float64), 0.5
+    (straight_through_gumbel(logits, tau, sample=False) * v).sum().backward()
+    p = torch.softmax(logits.detach() / tau, dim=1)
+    jacobian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / tau  # d softmax(x / tau) / dx
+    torch.testing.assert_close(logits.grad, (jacobian.transpose(1, 2) @ v[:, :, None])[:, :, 0])
+
+
+def test_point_table_equals_sam_prompt_encoder():
+    """E (+ the foreground label embedding) equals SAM's encoding of a point at each cell centre, both
+    ours and segment_anything's."""
+    from oracles import build_official_sam
+
+    model = tiny_model()
+    pe = model.sam.prompt_encoder
+    (H4, W4), S = pe.mask_input_size, model.config.sam.image_size
+    index = torch.tensor([0, 5, 3 * W4 + 7, H4 * W4 - 1])
+    r, c = index // W4, index % W4
+    coords = torch.stack([(c + 0.5) * S / W4 - 0.5, (r + 0.5) * S / H4 - 0.5], dim=-1)[None]  # (1, 4, 2) (x, y)
+    labels = torch.ones(1, 4)
+    table = model.point_pe_table[index] + pe.point_embeddings[1].weight
+    official = build_official_sam(model.config.sam)
+    official.load_state_dict(model.sam.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(table, pe.embed_points(coords, labels, pad=False)[0])
+        torch.testing.assert_close(table, official.prompt_encoder._embed_points(coords, labels, pad=False)[0])
+
+
+def test_point_prompt_selects_the_table_row_of_the_argmax_at_inference():
+    model = tiny_model().eval()
+    coarse_up = torch.randn(3, 1, 64, 64)
+    e_p, point = model.point_prompt(coarse_up)
+    assert torch.equal(point, coarse_up.flatten(1).argmax(1))
+    expected = model.point_pe_table[point] + model.sam.prompt_encoder.point_embeddings[1].weight
+    torch.testing.assert_close(e_p[:, 0], expected)
+
+
+def test_point_table_is_recomputed_after_loading_weights():
+    source, target = tiny_model(seed=0), tiny_model(seed=1)
+    assert not torch.allclose(source.point_pe_table, target.point_pe_table)
+    assert "point_pe_table" not in source.state_dict()
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target.point_pe_table, source.point_pe_table)
+
+
+# ---- §3.1 prompts for SAM and SAM decoding (Eq. 4) ----
+
+
+def random_prompt_inputs(model, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text_valid = torch.arange(6) <= torch.tensor([5, 2, 3, 4])[:, None]
+    return dict(coarse=torch.randn(n, 14, 14, generator=g), f_t=torch.randn(n, 6, 64, generator=g),
+                text_valid=text_valid, image=torch.randn(n, 32, 16, 16, generator=g))
+
+
+@pytest.mark.parametrize("subset", [s for k in range(4) for s in itertools.combinations(PROMPT_TYPES, k)])
+def test_prompt_subsets_switch_sam_prompts(subset):
+    """Table 5: a switched-off point / text prompt is masked out of the sparse tokens, a switched-off mask
+    prompt is replaced by SAM's no-mask embedding."""
+    model = tiny_model().eval()
+    inputs = random_prompt_inputs(model)
+    keep = model.prompt_keep(4, subset, "cpu")
+    with torch.no_grad():
+        sparse, sparse_mask, dense, _ = model.sam_prompts(**inputs, keep=keep)
+        _, _, mask_dense, _ = model.sam_prompts(**inputs, keep=torch.ones(4, 3, dtype=torch.bool))
+    assert sparse.shape == (4, 7, 32)
+    assert torch.equal(sparse_mask[:, 0], torch.full((4,), "point" in subset))
+    assert torch.equal(sparse_mask[:, 1:], inputs["text_valid"] & ("text" in subset))
+    no_mask = model.sam.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand_as(dense)
+    assert torch.equal(dense, mask_dense if "mask" in subset else no_mask)
+
+
+def test_prompt_subsets_change_the_final_mask():
+    model, batch = tiny_model().eval(), tiny_batch()
+    with torch.no_grad():
+        masks = {s: model(**model_inputs(batch), prompts=s)["mask"] for s in [(), ("mask",), ("text",), PROMPT_TYPES]}
+    for a, b in itertools.combinations(masks.values(), 2):
+        assert not torch.allclose(a, b)
+
+
+def test_prompt_dropout_keeps_at_least_one_enabled_prompt():
+    model = tiny_model(prompt_dropout=0.5).train()
+    torch.manual_seed(0)
+    keep = model.prompt_keep(4000, PROMPT_TYPES, "cpu")
+    assert keep.any(1).all()
+    # each prompt survives with prob 1 - p, and a row that lost all three (prob p^3) gets one back
+    assert abs(keep.float().mean() - (0.5 + 0.5 ** 3 / 3)) < 0.02
+    keep = model.prompt_keep(4000, ("mask", "text"), "cpu")
+    assert keep.any(1).all() and not keep[:, 1].any()
+    assert model.eval().prompt_keep(5, PROMPT_TYPES, "cpu").all()  # no dropout at inference
+
+
+def test_masked_sparse_tokens_equal_removed_tokens():
+    """sam.py's sparse_prompt_mask: decoding with masked tokens equals decoding without them (also all masked)."""
+    torch.manual_seed(0)
+    sam = SAM(SAMConfig.tiny()).eval()
+    image, dense, sparse = torch.randn(3, 32, 16, 16), torch.randn(3, 32, 16, 16), torch.randn(3, 5, 32)
+    mask = torch.tensor([[True, True, False, False, False], [False, True, True, False, True], [False] * 5])
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        masked, iou = sam.mask_decoder(image, pe, sparse, dense, False, sparse_prompt_mask=mask)
+        for n in range(3):
+            removed, iou_n = sam.mask_decoder(image[n:n + 1], pe, sparse[n:n + 1, mask[n]], dense[n:n + 1], False)
+            torch.testing.assert_close(masked[n:n + 1], removed, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[n:n + 1], iou_n, atol=1e-5, rtol=1e-5)
+
+
+def test_image_level_sam_embeddings_equal_per_sentence_embeddings():
+    """The SAM encoder runs once per image; repeating each image per sentence gives the same output."""
+    model, batch = tiny_model().eval(), tiny_batch()
+    index = batch["image_index"]
+    with torch.no_grad():
+        shared = model(batch["clip_images"], batch["tokens"], index, sam_images=batch["sam_images"])
+        repeated = model(batch["clip_images"][index], batch["tokens"], torch.arange(5),
+                         sam_embeddings=model.encode_sam_image(batch["sam_images"][index]))
+    for key in ("coarse", "mask", "point"):
+        torch.testing.assert_close(shared[key], repeated[key], atol=1e-5, rtol=1e-5)
+
+
+# ---- what trains ----
+
+
+def test_backbones_are_frozen_and_stay_in_eval_mode():
+    model, batch = tiny_model(), tiny_batch()
+    model.train()
+    assert not model.clip.training and not model.sam.training and model.decoder.training
+    assert not any(p.requires_grad for p in [*model.clip.parameters(), *model.sam.parameters()])
+    assert not model.encode_sam_image(batch["sam_images"]).requires_grad  # no graph through frozen SAM
+    added = sum(p.numel() for m in (model.cmp, model.decoder, model.text_prompter) for p in m.parameters())
+    assert model.count_parameters() == added == sum(p.numel() for p in model.trainable_parameters())
+    model.freeze_backbones(sam=False)
+    assert model.train().sam.training and model.encode_sam_image(batch["sam_images"]).requires_grad
+    assert model.count_parameters() == added + sum(p.numel() for p in model.sam.parameters())
+
+
+def test_loss_reaches_every_trainable_parameter_and_no_frozen_one():
+    model, batch = tiny_model(prompt_dropout=0.0).train(), tiny_batch()
+    out = model(**model_inputs(batch))
+    total_loss(out, batch["masks"], batch["instance_ids"], batch["image_index"])["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_gradient_reaches_sam_label_embedding_when_sam_trains():
+    model, batch = tiny_model(prompt_dropout=0.0), tiny_batch()
+    model.freeze_backbones(sam=False)
+    model.train()(**model_inputs(batch))["mask"].sum().backward()
+    assert model.sam.prompt_encoder.point_embeddings[1].weight.grad.abs().sum() > 0
+
+
+# ---- §3.3 losses (Eq. 7-9) ----
+
+
+def test_dice_of_identical_masks_is_one():
+    torch.manual_seed(0)
+    soft = torch.rand(3, 8, 8)
+    torch.testing.assert_close(dice_coefficient(soft, soft), torch.ones(3))
+    torch.testing.assert_close(dice_coefficient(torch.zeros(1, 4), torch.zeros(1, 4)), torch.ones(1))
+
+
+def test_dice_loss_gradcheck():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    target = (torch.rand(3, 5, 5) > 0.5).double()
+    assert gradcheck(lambda x: 1 - dice_coefficient(x.sigmoid(), target), (logits,))
+    assert gradcheck(lambda x: seg_loss(x, target), (logits,))
+
+
+def test_icl_loss_gradcheck():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, 6, dtype=torch.float64)
+    logits = (logits.sign() * (logits.abs() + 0.2)).requires_grad_(True)  # away from the IoU threshold
+    target = (torch.rand(5, 6, 6) > 0.5).double()
+    ids, index = torch.tensor([1, 1, 2, 3, 3]), torch.tensor([0, 0, 0, 1, 1])
+    assert gradcheck(lambda x: icl_loss(x, target, ids, index), (logits,))
+
+
+def two_regions():
+    a, b = torch.zeros(8, 8), torch.zeros(8, 8)
+    a[:, :4], b[:, 4:] = 1, 1
+    return a, b
+
+
+def test_icl_lower_when_same_instance_masks_agree_and_other_instances_are_disjoint():
+    a, b = two_regions()
+    ids, index = torch.tensor([1, 1, 2, 2]), torch.zeros(4, dtype=torch.long)
+    target = torch.stack([a, a, b, b])
+    logit = lambda m: 8 * (2 * m - 1)
+    good = icl_loss(logit(target), target, ids, index)
+    overlapping = torch.stack([a, a, b, torch.ones(8, 8)])  # sentence 4 also covers instance 1
+    disagreeing = torch.stack([a, a * (torch.arange(8) < 6)[:, None], b, b])  # sentence 2 misses a part
+    assert good < 0.01
+    assert icl_loss(logit(overlapping), target, ids, index) > good + 0.1
+    assert icl_loss(logit(disagreeing), target, ids, index) > good + 0.01
+
+
+def test_icl_averages_images_and_ignores_pairs_across_images():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 5, 5), (torch.rand(6, 5, 5) > 0.5).float()
+    ids, index = torch.tensor([1, 2, 2, 3, 4, 4]), torch.tensor([0, 0, 0, 1, 1, 1])
+    per_image = [icl_loss(logits[s], target[s], ids[s], index[s] * 0) for s in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(icl_loss(logits, target, ids, index), sum(per_image) / 2)
+
+
+def test_total_loss_terms_per_stage_and_icl_switch():
+    model, batch = tiny_model(), tiny_batch()
+    with torch.no_grad():
+        stage2 = model(**model_inputs(batch))
+    stage1 = {"coarse": stage2["coarse"]}
+    args = (batch["masks"], batch["instance_ids"], batch["image_index"])
+    assert set(total_loss(stage1, *args)) == {"clip_seg", "icl_clip", "loss"}
+    assert set(total_loss(stage1, *args, LossConfig(icl=False))) == {"clip_seg", "loss"}
+    terms = total_loss(stage2, *args)
+    assert set(terms) == {"clip_seg", "icl_clip", "sam_seg", "icl_sam", "loss"}
+    torch.testing.assert_close(terms["loss"], sum(v for k, v in terms.items() if k != "loss"))
+    assert all(torch.isfinite(v) for v in terms.values())
