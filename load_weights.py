@@ -9,12 +9,19 @@ Our modules use the original names, so the original files load with a plain stri
     python load_weights.py inspect FILE.safetensors
 """
 import argparse
+import math
 import os
+import re
 import sys
+import tempfile
+import zipfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from clip_vit import CLIP, CLIPConfig
+from sam import SAM, SAMConfig
 
 
 class WeightsError(ValueError):
@@ -48,11 +55,6 @@ def check_and_load(module: torch.nn.Module, state: dict, path, ignore=()) -> Non
 
 
 # ---- CLIP ----
-
-import math  # noqa: E402  (each section imports what it needs; sections are edited independently)
-import re  # noqa: E402
-
-from clip_vit import CLIP, CLIPConfig  # noqa: E402
 
 # Entries that are not parameters: Hugging Face's `position_ids` buffers and the scalars OpenAI's
 # TorchScript state dict carries (`input_resolution`, `context_length`, `vocab_size`).
@@ -181,10 +183,6 @@ def load_clip(path, device="cpu") -> CLIP:
 
 
 # ---- SAM ----
-
-import re  # noqa: E402,F811  (each section imports what it needs)
-
-from sam import SAM, SAMConfig  # noqa: E402
 
 # transformers' SamModel keeps the point-encoding Gaussian under one or both of these keys (tied).
 _HF_SAM_GAUSSIAN = ("shared_image_embedding.positional_embedding",
@@ -324,9 +322,6 @@ def load_sam(path, device="cpu", config: SAMConfig = None) -> SAM:
 
 
 # ---- command line ----
-
-import tempfile  # noqa: E402
-import zipfile  # noqa: E402
 
 _VIT_SIZES = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
 
