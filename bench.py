@@ -1,0 +1,327 @@
+"""Speed of our CLIP, SAM and Prompt-RIS next to the reference implementations, in one run.
+
+    python bench.py            # tiny and paper (ViT-B/16 + SAM ViT-B) sizes
+    python bench.py --quick    # tiny sizes only
+    python bench.py --json     # also one JSON line at the end
+
+Every comparison runs both implementations on the same machine, the same random weights (loaded
+into ours through load_weights.py from a safetensors file written in the reference's naming) and
+the same inputs; the two are timed alternately (warmup, then the median of the repeats) so that
+a busy machine slows both alike, and each line reports ours / reference. References, when installed:
+`transformers`' CLIPModel and `segment_anything`'s ImageEncoderViT (its modeling files are loaded
+directly: the package's __init__ imports torchvision). Run by hand; not part of the test suite.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from functools import partial
+
+import torch
+from safetensors.torch import save_file
+
+from clip_vit import CLIPConfig
+from load_weights import load_clip, load_sam
+from prompt_ris import PromptRIS, PromptRISConfig, total_loss
+from sam import SAM, SAMConfig
+
+SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
+
+
+# ---- timing ----
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """{name: median seconds}: each fn runs `warmup` times, then the fns alternate for `repeats` rounds."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(device: str, repeats: int) -> float:
+    """Reference throughput: a large float32 square matmul (2 n^3 FLOPs)."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds = median_times({"mm": lambda: a @ b}, device, warmup=1, repeats=repeats)["mm"]
+    return 2 * n ** 3 / seconds / 1e9
+
+
+# ---- references, when installed ----
+
+
+def official_sam_encoder(cfg: SAMConfig):
+    """segment_anything's ImageEncoderViT with the sizes of `cfg` (as its build_sam_vit_b does).
+
+    Its modeling/ folder is registered as a package under a private name so that the relative
+    imports resolve and segment_anything/__init__.py (which imports torchvision) never runs."""
+    spec = importlib.util.find_spec("segment_anything")  # finds the package without executing it
+    if spec is None:
+        raise ImportError("segment_anything is not installed")
+    package = types.ModuleType("_bench_segment_anything")
+    package.__path__ = [os.path.join(spec.submodule_search_locations[0], "modeling")]
+    sys.modules[package.__name__] = package
+    modeling = importlib.import_module(f"{package.__name__}.image_encoder")
+    return modeling.ImageEncoderViT(
+        depth=cfg.encoder_depth, embed_dim=cfg.encoder_width, img_size=cfg.image_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.encoder_heads, patch_size=cfg.patch_size,
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg.global_attn_indexes, window_size=cfg.window_size,
+        out_chans=cfg.prompt_dim)
+
+
+def hf_clip(cfg: CLIPConfig):
+    """transformers' CLIPModel with the sizes of `cfg` (random weights). A reference, not a dependency:
+    imported by name only when installed (requirements-dev.txt)."""
+    transformers = importlib.import_module("transformers")
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                         max_position_embeddings=cfg.context_length, vocab_size=cfg.vocab_size,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                           image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="quick_gelu"),
+        projection_dim=cfg.embed_dim)).eval()
+
+
+def sam_encoder_flops(cfg: SAMConfig) -> int:
+    """Multiply-adds x 2 of SAM's image encoder, counted from its architecture (norms, softmax,
+    GELU and bias adds left out). Windowed blocks pad the grid up to a multiple of the window."""
+    g, d, c = cfg.grid, cfg.encoder_width, cfg.prompt_dim
+    tokens = g * g
+    padded = -(-g // cfg.window_size) * cfg.window_size
+    flops = 2 * tokens * 3 * cfg.patch_size ** 2 * d  # patch embedding
+    for i in range(cfg.encoder_depth):
+        side = g if i in cfg.global_attn_indexes else cfg.window_size  # attention span per axis
+        attended = tokens if i in cfg.global_attn_indexes else padded * padded  # tokens through attention
+        flops += 2 * attended * d * 4 * d  # qkv (3 d) + output projection (d)
+        flops += 2 * 2 * attended * side * side * d  # q k^T and attn v
+        flops += 2 * attended * 2 * side * d  # decomposed relative positions (height + width)
+        flops += 2 * tokens * d * 8 * d  # MLP d -> 4d -> d
+    return flops + 2 * tokens * d * c + 2 * tokens * c * c * 9  # neck: 1x1 then 3x3 convolution
+
+
+# ---- benchmarks ----
+
+
+def bench_clip(config: PromptRISConfig, folder: str, device: str, warmup: int, repeats: int) -> dict:
+    """Our CLIP encoders vs transformers' CLIPModel, same weights (Hugging Face naming file -> load_clip).
+
+    The image encoder runs at CLIP's native size and at Prompt-RIS's input size (480 in the paper,
+    where both resize the positional embedding: ours once and cached, transformers per call)."""
+    torch.manual_seed(0)
+    hf = hf_clip(config.clip).to(device)
+    path = os.path.join(folder, "clip_hf.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in hf.state_dict().items()}, path)
+    ours = load_clip(path, device).eval()
+    tokens = torch.randint(0, 49406, (8, config.clip.context_length), device=device)
+    tokens[:, 0], tokens[:, 12] = 49406, 49407  # SOT ... EOT (argmax pooling)
+    result = {}
+    with torch.no_grad():
+        for size in dict.fromkeys((config.clip.image_size, config.clip_image_size)):
+            pixels = torch.randn(1, 3, size, size, device=device)
+            resize = size != config.clip.image_size
+            times = median_times({
+                "ours": lambda: ours.encode_image(pixels),
+                "reference": lambda: hf.get_image_features(pixel_values=pixels, interpolate_pos_encoding=resize)},
+                device, warmup, repeats)
+            result[f"clip_image_encoder_{size}"] = {**times, "ratio": times["ours"] / times["reference"],
+                                                    "input": f"1x3x{size}^2"}
+        text = median_times({"ours": lambda: ours.encode_text(tokens),
+                             "reference": lambda: hf.get_text_features(input_ids=tokens)}, device, warmup, repeats)
+    result["clip_text_encoder"] = {**text, "ratio": text["ours"] / text["reference"], "input": "8x77 tokens"}
+    return result
+
+
+def bench_sam_encoder(config: PromptRISConfig, folder: str, device: str, warmup: int, repeats: int,
+                      matmul: float) -> dict:
+    """Our SAM image encoder vs segment_anything's, same weights (segment_anything naming -> load_sam)."""
+    cfg = config.sam
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size, device=device)
+    flops = sam_encoder_flops(cfg)
+    result = {"input": f"1x3x{cfg.image_size}^2", "gflop": flops / 1e9}
+    try:
+        official = official_sam_encoder(cfg).to(device).eval()
+    except ImportError as e:
+        official = None
+        result["reference"] = f"unavailable ({e})"
+    if official is not None:
+        with torch.no_grad():
+            for p in official.parameters():  # pos_embed / rel_pos start at zero: make them count
+                p.add_(0.02 * torch.randn_like(p))
+        path = os.path.join(folder, "sam_official.safetensors")
+        state = {k: v for k, v in SAM(cfg).state_dict().items() if not k.startswith("image_encoder.")}
+        state.update({f"image_encoder.{k}": v.cpu() for k, v in official.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in state.items()}, path)  # a whole SAM checkpoint
+        ours = load_sam(path, device, config=cfg).image_encoder.eval()
+        with torch.no_grad():
+            times = median_times({"ours": lambda: ours(pixels), "reference": lambda: official(pixels)},
+                                 device, warmup, repeats)
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:  # counted on the reference: plain matmuls
+                official(pixels)
+        result.update(times, ratio=times["ours"] / times["reference"],
+                      gflop_counted_on_reference=counter.get_total_flops() / 1e9)
+    else:
+        ours = SAM(cfg).image_encoder.to(device).eval()
+        with torch.no_grad():
+            result.update(median_times({"ours": lambda: ours(pixels)}, device, warmup, repeats))
+    result["gflops_per_s"] = flops / result["ours"] / 1e9
+    result["fraction_of_matmul"] = result["gflops_per_s"] / matmul
+    return result
+
+
+def example_batch(config: PromptRISConfig, device: str, images: int = 1, sentences: int = 4) -> dict:
+    """Random inputs of the batch dict's shapes: `images` images with `sentences` sentences each."""
+    n = images * sentences
+    tokens = torch.randint(0, 49406, (n, 77), device=device)
+    tokens[:, 0], tokens[:, 10] = 49406, 49407
+    return {"clip_images": torch.randn(images, 3, config.clip_image_size, config.clip_image_size, device=device),
+            "sam_images": torch.randn(images, 3, config.sam.image_size, config.sam.image_size, device=device),
+            "tokens": tokens, "image_index": torch.arange(images, device=device).repeat_interleave(sentences),
+            "instance_ids": torch.arange(n, device=device) % 2,
+            "masks": (torch.rand(n, config.sam.image_size, config.sam.image_size, device=device) > 0.5).float()}
+
+
+def bench_prompt_ris(config: PromptRISConfig, device: str, warmup: int, repeats: int) -> dict:
+    """One inference forward of the whole model (1 image, 4 sentences), split into SAM encoder and rest."""
+    torch.manual_seed(0)
+    model = PromptRIS(config).to(device).eval()
+    b = example_batch(config, device)
+    with torch.no_grad():
+        embedding = model.encode_sam_image(b["sam_images"])
+        times = median_times({
+            "sam_image_encoder": lambda: model.encode_sam_image(b["sam_images"]),
+            "rest": lambda: model(b["clip_images"], b["tokens"], b["image_index"], sam_embeddings=embedding),
+        }, device, warmup, repeats)
+    return {**times, "forward": times["sam_image_encoder"] + times["rest"], "input": "1 image, 4 sentences"}
+
+
+def train_step_memory(size: str, device: str) -> dict:
+    """Peak memory of one training step (forward, Eq. (9) loss, backward, AdamW step) on 1 image x 4
+    sentences, measured in this (fresh) process: CUDA allocator peak, or the growth of max RSS on CPU."""
+    config = SIZES[size]()
+    torch.manual_seed(0)
+    model = PromptRIS(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    b = example_batch(config, device)
+
+    def step():
+        out = model(b["clip_images"], b["tokens"], b["image_index"], sam_images=b["sam_images"])
+        total_loss(out, b["masks"], b["instance_ids"], b["image_index"])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    step()  # the first step also allocates AdamW's state
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"peak_mib": peak / 2 ** 20, "peak_mib_above_model": (peak - before) / 2 ** 20, "step_s": seconds,
+            "trainable_params": model.count_parameters(), "input": "1 image, 4 sentences"}
+
+
+def train_step_memory_in_subprocess(size: str, device: str) -> dict:
+    """Run train_step_memory in a fresh interpreter: a CPU high-water mark is per process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--train-step-memory", size, "--device", device,
+                          "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- command line ----
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Time ours vs the reference implementations (ratios).")
+    p.add_argument("--quick", action="store_true", help="tiny sizes only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a machine that "
+                   "other jobs share, 1 avoids threads waiting for a busy core")
+    p.add_argument("--json", action="store_true", help="also print all numbers as one JSON line")
+    p.add_argument("--train-step-memory", choices=tuple(SIZES), help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_step_memory:
+        print(json.dumps(train_step_memory(args.train_step_memory, args.device)))
+        return 0
+
+    report = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+              "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "warmup": args.warmup, "repeats": args.repeats,
+              "matmul_gflops_per_s": matmul_gflops(args.device, args.repeats)}
+    print(f"torch {report['torch']} on {args.device}, {report['threads']} threads ({report['cpus']} CPUs); "
+          f"float32 matmul {report['matmul_gflops_per_s']:.1f} GFLOP/s; median of {args.repeats} after "
+          f"{args.warmup} warmup")
+    sizes = ("tiny",) if args.quick else ("tiny", "paper")
+    with tempfile.TemporaryDirectory() as folder:
+        for size in sizes:
+            config = SIZES[size]()
+            part = {}
+            try:
+                part.update(bench_clip(config, folder, args.device, args.warmup, args.repeats))
+            except ImportError as e:
+                part["clip"] = f"reference unavailable ({e})"
+            part["sam_image_encoder"] = bench_sam_encoder(config, folder, args.device, args.warmup, args.repeats,
+                                                          report["matmul_gflops_per_s"])
+            part["prompt_ris_forward"] = bench_prompt_ris(config, args.device, args.warmup, args.repeats)
+            part["train_step"] = train_step_memory_in_subprocess(size, args.device)
+            report[size] = part
+            print_size(size, part)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def print_size(size: str, part: dict) -> None:
+    print(f"[{size}]")
+    for name, r in part.items():
+        if isinstance(r, dict) and "ratio" in r:
+            print(f"  {name:<24} ours {1e3 * r['ours']:9.1f} ms  reference {1e3 * r['reference']:9.1f} ms  "
+                  f"ours/reference {r['ratio']:.2f}x  ({r['input']})")
+    sam = part["sam_image_encoder"]
+    print(f"  sam_image_encoder        {sam['gflop']:.1f} GFLOP -> {sam['gflops_per_s']:.1f} GFLOP/s = "
+          f"{100 * sam['fraction_of_matmul']:.0f}% of the matmul's")
+    f = part["prompt_ris_forward"]
+    print(f"  prompt_ris_forward       {1e3 * f['forward']:9.1f} ms = SAM image encoder {1e3 * f['sam_image_encoder']:.1f}"
+          f" + rest {1e3 * f['rest']:.1f} ms  ({f['input']})")
+    t = part["train_step"]
+    print(f"  train_step               {t['step_s']:.2f} s, peak memory {t['peak_mib']:.0f} MiB "
+          f"(+{t['peak_mib_above_model']:.0f} MiB above the built model), {t['trainable_params'] / 1e6:.2f} M "
+          f"trainable parameters ({t['input']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

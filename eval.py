@@ -1,0 +1,574 @@
+"""Evaluate a trained Prompt-RIS run with the metrics of the paper (§4.1, §4.4) and draw its masks.
+
+    python eval.py                                    # runs/demo on the built-in synth val split
+    python eval.py --checkpoint runs/paper --data-root data/refer --dataset refcoco --split val
+    python eval.py --output coarse                    # Table 3: the CLIP-only coarse mask
+    python eval.py --prompts mask,text                # Table 5: any subset of mask,point,text (or none)
+    python eval.py --subset unseen                    # Table 2: seen / unseen categories
+    python eval.py --image photo.jpg --text "the man on the left" --out pred.png   # Fig. 4-style panel
+
+Every prediction is compared with the ground truth at the ORIGINAL image resolution: the logits in
+the padded (letterboxed) SAM frame are cropped to the valid region, resized bilinearly to the
+original size and thresholded at 0 (SAM's `postprocess_masks`). The coarse CLIP mask goes through
+the same function, because CLIP and SAM see the same letterboxed frame (see data.py).
+
+SAM's image embedding F_IS depends on the image only, so it is computed once per image and shared
+by all of that image's sentences (RefCOCO val: 7.2 per image). At paper size on CPU (1 thread) the
+encoder takes ~13 s per image and everything else ~2.4 s per sentence: 5.0 s per expression with
+the embedding reused instead of 13.3 s when recomputed for every expression (2.6x with 5 sentences
+per image). Each evaluation prints its own measured numbers.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from clip_vit import Tokenizer
+from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
+from load_weights import check_and_load, read_safetensors
+from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
+from sam import SAM_MEAN, SAM_STD
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (§4.1: oIoU, mIoU, P@X; §4.4: ImgAcc, InstAcc)
+# ---------------------------------------------------------------------------------------------
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _binary(mask, name: str) -> np.ndarray:
+    """A (H, W) bool array from a bool / {0,1} numpy array or tensor; logits are refused."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: expected a (H, W) mask, got shape {mask.shape}")
+    if mask.dtype != bool:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{name}: values must be 0/1 or bool (threshold logits at 0 first)")
+        mask = mask.astype(bool)
+    return mask
+
+
+class RISMetrics:
+    """Accumulates per-expression IoUs and reports the paper's table, in percent.
+
+    oIoU    = sum of intersections / sum of unions over all expressions (big objects weigh more)
+    mIoU    = mean of the per-expression IoUs
+    P@X     = share of expressions whose IoU is strictly higher than X ("higher than", §4.1)
+    ImgAcc  = average over images of the mIoU of that image's expressions (§4.4)
+    InstAcc = average over instances (ann_id) of the mIoU of the expressions referring to it (§4.4)
+
+    An empty prediction against an empty ground truth has IoU 1.0 (nothing to find, nothing
+    found: a correct answer); it adds 0 to both oIoU sums. RefCOCO's ground truth is never empty,
+    so this only matters for synthetic or filtered data. An update without image_id / ann_id
+    forms a group of its own for ImgAcc / InstAcc.
+    """
+
+    def __init__(self):
+        self.intersection = 0
+        self.union = 0
+        self.ious: list[float] = []
+        self.image_keys: list = []
+        self.instance_keys: list = []
+
+    def update(self, pred, gt, image_id=None, ann_id=None) -> float:
+        """Add one expression: pred and gt are (H, W) bool or 0/1 masks. Returns its IoU."""
+        pred, gt = _binary(pred, "pred"), _binary(gt, "gt")
+        if pred.shape != gt.shape:
+            raise ValueError(f"pred shape {pred.shape} != gt shape {gt.shape}")
+        intersection = int(np.count_nonzero(pred & gt))
+        union = int(np.count_nonzero(pred | gt))
+        iou = intersection / union if union else 1.0
+        own = ("expression", len(self.ious))
+        self.intersection += intersection
+        self.union += union
+        self.ious.append(iou)
+        self.image_keys.append(own if image_id is None else int(image_id))
+        self.instance_keys.append(own if ann_id is None else int(ann_id))
+        return iou
+
+    def compute(self) -> dict:
+        """{"oIoU", "mIoU", "P@0.5".."P@0.9", "ImgAcc", "InstAcc": percent, "n": expressions}."""
+        if not self.ious:
+            raise ValueError("RISMetrics.compute: no expression was added (empty evaluation set?)")
+        ious = np.asarray(self.ious)
+        result = {"oIoU": 100.0 * (self.intersection / self.union if self.union else 1.0),
+                  "mIoU": 100.0 * float(ious.mean())}
+        for x in THRESHOLDS:
+            result[f"P@{x}"] = 100.0 * float((ious > x).mean())
+        result["ImgAcc"] = 100.0 * _mean_of_group_means(ious, self.image_keys)
+        result["InstAcc"] = 100.0 * _mean_of_group_means(ious, self.instance_keys)
+        result["n"] = len(ious)
+        return result
+
+
+def _mean_of_group_means(values: np.ndarray, keys: list) -> float:
+    groups: dict = {}
+    for value, key in zip(values, keys):
+        groups.setdefault(key, []).append(value)
+    return float(np.mean([np.mean(g) for g in groups.values()]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (Fig. 4): final mask overlaid on the image | coarse mask heat map + point prompt
+# ---------------------------------------------------------------------------------------------
+
+MASK_COLOUR = (255, 64, 32)     # final prediction: semi-transparent fill + contour
+GT_COLOUR = (32, 255, 64)       # ground truth: contour only
+
+
+def _contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """Boundary pixels of a (H, W) bool mask: the mask minus its erosion (MinFilter)."""
+    size = 2 * width + 1
+    eroded = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(size))
+    return mask & ~(np.asarray(eroded) > 0)
+
+
+def _heat(prob: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 'jet' colours (blue = 0, red = 1)."""
+    x = 4.0 * prob[..., None]
+    rgb = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (255 * rgb).astype(np.uint8)
+
+
+def overlay_mask(image: Image.Image, mask: np.ndarray, gt: np.ndarray | None = None) -> Image.Image:
+    """The image (W, H) with the mask as a translucent colour and a solid contour, GT outlined."""
+    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    line = max(1, min(image.size) // 150)
+    rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.array(MASK_COLOUR)
+    rgb[_contour(mask, line)] = MASK_COLOUR
+    if gt is not None:
+        rgb[_contour(gt.astype(bool), line)] = GT_COLOUR
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def coarse_view(image: Image.Image, prob: np.ndarray, point_xy=None) -> Image.Image:
+    """The coarse mask probability as a heat map over a dimmed image, with the point prompt marked."""
+    grey = np.asarray(image.convert("L").convert("RGB")).astype(np.float32)
+    view = Image.fromarray((0.35 * grey + 0.65 * _heat(prob)).astype(np.uint8))
+    if point_xy is not None:
+        x, y = point_xy
+        r = max(4, min(image.size) // 40)
+        draw = ImageDraw.Draw(view)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 255, 255), outline=(0, 0, 0), width=max(1, r // 3))
+        draw.line((x - 2 * r, y, x + 2 * r, y), fill=(0, 0, 0), width=max(1, r // 4))
+        draw.line((x, y - 2 * r, x, y + 2 * r), fill=(0, 0, 0), width=max(1, r // 4))
+    return view
+
+
+def _font(width: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(12, width // 40))
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line]
+
+
+def caption_height(text: str, width: int) -> int:
+    """Height in pixels of the caption strip that render_panel puts under two images of `width`."""
+    font = _font(width)
+    line = font.getbbox("Ag")[3] + 4
+    return len(_wrap(text, font, 2 * width - 8)) * line + 8
+
+
+def render_panel(image: Image.Image, mask: np.ndarray, coarse_prob: np.ndarray, text: str,
+                 point_xy=None, gt: np.ndarray | None = None) -> Image.Image:
+    """[image + final mask (+ GT outline) | coarse heat map + point], caption below: (2W, H + caption).
+
+    mask, gt: (H, W) bool at the image's resolution; coarse_prob: (H, W) in [0, 1];
+    point_xy: (x, y) in image pixels or None.
+    """
+    w, h = image.size
+    panel = Image.new("RGB", (2 * w, h + caption_height(text, w)), (255, 255, 255))
+    panel.paste(overlay_mask(image, mask, gt), (0, 0))
+    panel.paste(coarse_view(image, coarse_prob, point_xy), (w, 0))
+    font = _font(w)
+    line = font.getbbox("Ag")[3] + 4
+    draw = ImageDraw.Draw(panel)
+    for i, row in enumerate(_wrap(text, font, 2 * w - 8)):
+        draw.text((4, h + 4 + i * line), row, fill=(0, 0, 0), font=font)
+    return panel
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the SAM image embedding once per image, predictions at the original resolution
+# ---------------------------------------------------------------------------------------------
+
+OUTPUTS = ("mask", "coarse")  # Table 3: the final SAM mask | the CLIP-only coarse mask S'_C
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def _sync(device) -> None:
+    """Wait for queued GPU work so that wall-clock timings measure it."""
+    if _device_type(device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device, amp_dtype):
+    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(_device_type(device), dtype=amp_dtype)
+
+
+@dataclass
+class Timing:
+    """Model time of an evaluation, split so that the saving of the embedding cache is visible."""
+    sam_encoder_s: float = 0.0  # F_IS: once per image
+    rest_s: float = 0.0  # CLIP + CMP + coarse decoder + prompts + SAM mask decoder: per sentence
+    expressions: int = 0
+    encoded_images: int = 0  # images that went through SAM's image encoder
+
+    def summary(self) -> dict:
+        """Seconds per expression with the embedding reused, and what recomputing it per expression
+        would cost: the measured encoder time per image, paid once per expression instead."""
+        with_reuse = (self.sam_encoder_s + self.rest_s) / max(self.expressions, 1)
+        result = {"s_per_expression": with_reuse}
+        if self.encoded_images:  # without reuse each expression would run the encoder on its image
+            encoder_per_image = self.sam_encoder_s / self.encoded_images
+            without = encoder_per_image + self.rest_s / self.expressions
+            result.update(s_per_expression_no_reuse=without, reuse_speedup=without / with_reuse,
+                          sam_encoder_s_per_image=encoder_per_image)
+        return result
+
+
+def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mask", prompts=None,
+              amp_dtype=None, timing: Timing | None = None) -> dict:
+    """PromptRIS on one collate() batch; SAM's image encoder runs once per image (B), not per
+    sentence (N). Returns the model's outputs as float32: "coarse" (N, Hc/16, Hc/16) and, for
+    output="mask", "mask" (N, S, S) and "point" (N,)."""
+    use_sam = output == "mask"
+    clip_images = batch["clip_images"].to(device)
+    tokens, image_index = batch["tokens"].to(device), batch["image_index"].to(device)
+    with _autocast(device, amp_dtype):
+        _sync(device)
+        start = time.perf_counter()
+        sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device)) if use_sam else None
+        _sync(device)
+        encoded = time.perf_counter()
+        out = model(clip_images, tokens, image_index, sam_embeddings=sam_embeddings, use_sam=use_sam,
+                    prompts=prompts)
+        _sync(device)
+    if timing is not None:
+        timing.sam_encoder_s += encoded - start
+        timing.encoded_images += clip_images.shape[0] if use_sam else 0
+        timing.rest_s += time.perf_counter() - encoded
+        timing.expressions += tokens.shape[0]
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def to_original(model: PromptRIS, logits: torch.Tensor, input_size, original_size) -> torch.Tensor:
+    """(n, h, w) logits on the letterboxed frame (SAM's S x S, or CLIP's grid: same geometry)
+    -> (n, H, W) logits at the original image size; threshold at 0 for the mask."""
+    return model.sam.postprocess_masks(logits[:, None], tuple(input_size), tuple(original_size))[:, 0]
+
+
+def point_xy(model: PromptRIS, index: int, input_size, original_size) -> tuple[float, float]:
+    """The point prompt of Eq. (3), a flat index into the 4h x 4w map, as (x, y) in original pixels.
+
+    Cell (r, c) is the point at ((c + 0.5) S / 4w, (r + 0.5) S / 4h) of the padded S x S frame
+    (PromptRIS.point_fourier_table); the letterbox scaled the image by input_size / original_size.
+    """
+    grid_h, grid_w = model.sam.prompt_encoder.mask_input_size
+    frame = model.config.sam.image_size
+    r, c = divmod(int(index), grid_w)
+    x = (c + 0.5) * frame / grid_w * original_size[1] / input_size[1]
+    y = (r + 0.5) * frame / grid_h * original_size[0] / input_size[0]
+    return x, y
+
+
+def image_from_frame(sam_image: torch.Tensor, input_size, original_size) -> Image.Image:
+    """Undo SAM's normalisation and letterbox of a (3, S, S) batch image -> PIL image (W, H)."""
+    h, w = (int(s) for s in input_size)
+    mean, std = torch.tensor(SAM_MEAN).view(3, 1, 1), torch.tensor(SAM_STD).view(3, 1, 1)
+    pixels = (sam_image[:, :h, :w].float().cpu() * std + mean).clamp(0, 255).round().byte()
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (3, h, w) -> (h, w, 3)
+    return image.resize((int(original_size[1]), int(original_size[0])), Image.BILINEAR)
+
+
+def _save_panels(model, out, batch, b, rows, preds, ious, output, prompts, vis_dir, first: int) -> None:
+    """Fig. 4-style panels for sentences `rows` of image b, numbered from `first` (ground truth outlined)."""
+    input_size, original_size = batch["input_sizes"][b].tolist(), batch["original_sizes"][b].tolist()
+    image = image_from_frame(batch["sam_images"][b], input_size, original_size)
+    coarse = to_original(model, out["coarse"][rows], input_size, original_size).sigmoid().cpu().numpy()
+    for j, n in enumerate(rows.tolist()):
+        point = point_xy(model, out["point"][n], input_size, original_size) \
+            if output == "mask" and "point" in prompts else None
+        caption = f'"{batch["sentences"][n]}"  IoU {100 * ious[j]:.1f}'
+        panel = render_panel(image, preds[j], coarse[j], caption, point, batch["gt_original"][n])
+        panel.save(os.path.join(vis_dir, f"{first + j:04d}_image{int(batch['image_ids'][b])}"
+                                         f"_ref{int(batch['ref_ids'][n])}.png"))
+
+
+@torch.no_grad()
+def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", prompts=None,
+             amp_dtype=None, vis_dir=None, max_vis: int = 0) -> dict:
+    """Metrics of `model` over a loader of collate()d RefEvalSet batches.
+
+    output: "mask" (final SAM mask) or "coarse" (CLIP-only S'_C, Table 3); prompts: subset of
+    mask/point/text given to SAM (Table 5), None = the model's config. Each prediction is compared
+    at the original resolution. vis_dir / max_vis: save Fig. 4-style panels of the first max_vis
+    expressions (with the ground truth outlined). The model's train/eval mode is restored.
+
+    Returns RISMetrics.compute() plus timings: "s_per_expression" and, for output="mask",
+    "s_per_expression_no_reuse", "reuse_speedup", "sam_encoder_s_per_image".
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output == "mask" and not model.config.use_sam:
+        raise ValueError("this model was built without SAM (config use_sam=False): evaluate output='coarse'")
+    prompts = tuple(model.config.prompts if prompts is None else prompts)
+    metrics, timing, saved = RISMetrics(), Timing(), 0
+    if vis_dir and max_vis > 0:
+        os.makedirs(vis_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            out = run_model(model, batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype,
+                            timing=timing)
+            out = {k: v.cpu() for k, v in out.items()}
+            for b in range(batch["clip_images"].shape[0]):
+                rows = (batch["image_index"] == b).nonzero()[:, 0]  # this image's sentences
+                input_size, original_size = batch["input_sizes"][b].tolist(), batch["original_sizes"][b].tolist()
+                preds = (to_original(model, out[output][rows], input_size, original_size) > 0).numpy()
+                ious = [metrics.update(pred, batch["gt_original"][n], image_id=batch["image_ids"][b],
+                                       ann_id=batch["ann_ids"][n]) for pred, n in zip(preds, rows.tolist())]
+                if vis_dir and saved < max_vis:
+                    keep = slice(0, max_vis - saved)
+                    _save_panels(model, out, batch, b, rows[keep], preds[keep], ious[keep], output, prompts,
+                                 vis_dir, saved)
+                    saved += len(rows[keep])
+    finally:
+        model.train(was_training)
+    return metrics.compute() | timing.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run, one image at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_files(path) -> tuple[str, str]:
+    """(config.json, model.safetensors) of a run directory or of a model.safetensors path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    if path.endswith(".safetensors"):
+        return os.path.join(os.path.dirname(path), "config.json"), path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such run directory; train one with `python train.py --out {path}` "
+                                "(the default `python train.py` writes runs/demo)")
+    raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
+
+
+def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
+    """A trained model from a run directory written by train.py (or its model.safetensors).
+
+    The run holds every weight (CLIP and SAM included), so no other file is needed; the
+    tokenizer's vocabulary is the one recorded in config.json ("vocab", null = byte-level).
+    Returns (model in eval mode on `device`, tokenizer, the run's config.json as a dict).
+    """
+    config_path, weights_path = _run_files(path)
+    for f in (config_path, weights_path):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: not found; a run directory holds config.json and model.safetensors, "
+                                    "both written by train.py (`python train.py --out RUN_DIR`)")
+    with open(config_path) as f:
+        try:
+            run_config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(run_config, dict) or "model" not in run_config:
+        raise ValueError(f"{config_path}: no 'model' entry (PromptRISConfig.to_dict()); was it written by train.py?")
+    model = PromptRIS(PromptRISConfig.from_dict(run_config["model"]))
+    check_and_load(model, read_safetensors(weights_path), weights_path)
+    vocab = run_config.get("vocab")
+    if vocab is not None and not os.path.exists(vocab):
+        raise FileNotFoundError(f"{config_path}: the run's tokenizer vocabulary {vocab} is missing")
+    return model.to(device).eval(), Tokenizer(vocab), run_config
+
+
+def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, config: PromptRISConfig) -> dict:
+    """One PIL image and its sentences as a batch dict of data.collate's layout (no ground truth)."""
+    clip_image, sam_image, valid = preprocess_image(image, config.clip_image_size, config.sam.image_size)
+    return {
+        "clip_images": clip_image[None], "sam_images": sam_image[None],  # (1, 3, Hc, Hc), (1, 3, S, S)
+        "tokens": tokenizer(texts), "image_index": torch.zeros(len(texts), dtype=torch.long),
+        "input_sizes": torch.tensor([valid]), "original_sizes": torch.tensor([[image.height, image.width]]),
+    }
+
+
+@torch.no_grad()
+def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, text: str, *, device="cpu",
+                  output: str = "mask", prompts=None, amp_dtype=None) -> dict:
+    """Segment `text` in `image`: {"mask": (H, W) bool, "coarse": (H, W) probabilities, "point": (x, y) or None}."""
+    prompts = tuple(model.config.prompts if prompts is None else prompts)
+    batch = image_batch(image.convert("RGB"), [text], tokenizer, model.config)
+    out = run_model(model.eval(), batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype)
+    input_size, original_size = batch["input_sizes"][0].tolist(), batch["original_sizes"][0].tolist()
+    return {"mask": (to_original(model, out[output], input_size, original_size)[0] > 0).cpu().numpy(),
+            "coarse": to_original(model, out["coarse"], input_size, original_size)[0].sigmoid().cpu().numpy(),
+            "point": point_xy(model, out["point"][0], input_size, original_size)
+            if output == "mask" and "point" in prompts else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+TABLE_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "ImgAcc", "InstAcc")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_prompts(text: str | None):
+    """'mask,point,text' / 'none' -> tuple (Table 5); None -> None (the model's config)."""
+    if text is None:
+        return None
+    prompts = tuple(p.strip() for p in text.split(",") if p.strip() and p.strip() != "none")
+    unknown = sorted(set(prompts) - set(PROMPT_TYPES))
+    if unknown:
+        raise ValueError(f"--prompts: unknown prompt types {unknown}; use a subset of {','.join(PROMPT_TYPES)} or none")
+    return prompts
+
+
+def format_table(result: dict) -> str:
+    """The paper's columns as an aligned two-line table (percent)."""
+    head = " ".join(f"{k:>7}" for k in TABLE_KEYS)
+    return head + "\n" + " ".join(f"{result[k]:7.2f}" for k in TABLE_KEYS)
+
+
+SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "synth": "unc"}  # usual partitions
+
+
+def _data_source(args, run_config: dict) -> tuple[str, str, str, str]:
+    """(data_root, dataset, split_by, split): the flags, else the run's validation set (config.json 'train').
+
+    A dataset may be written name:split_by as in train.py (refcocog:google)."""
+    train = run_config.get("train", {})
+    data_root = args.data_root or train.get("data_root")
+    spec = args.dataset or train.get("val_dataset")
+    if not data_root or not spec:
+        raise ValueError("no evaluation data: pass --data-root and --dataset (the run's config.json records neither)")
+    dataset, _, split_by = spec.partition(":")
+    split_by = args.split_by or split_by or SPLIT_BY.get(dataset)
+    if split_by is None:
+        raise ValueError(f"--dataset {dataset}: no default partition; pass --split-by (unc | umd | google)")
+    return data_root, dataset, split_by, args.split or train.get("val_split", "val")
+
+
+def build_loader(args, run_config: dict, tokenizer: Tokenizer, config: PromptRISConfig):
+    """RefEvalSet of the chosen split (and seen/unseen subset, Table 2) in a DataLoader of collate()."""
+    data_root, dataset, split_by, split = _data_source(args, run_config)
+    data = load_refs(data_root, dataset, split_by)
+    category_ids = None
+    if args.subset != "all":  # Table 2: categories of the open-vocabulary split
+        refs = split_seen_unseen(data.split_refs(split))[args.subset]
+        category_ids = {r["category_id"] for r in refs}
+        if not refs:
+            raise ValueError(f"{dataset} ({split_by}) {split} has no refs of {args.subset} categories")
+    eval_set = RefEvalSet(data, split, tokenizer, clip_size=config.clip_image_size,
+                          sam_size=config.sam.image_size, category_ids=category_ids)
+    if args.max_images:
+        eval_set = torch.utils.data.Subset(eval_set, range(min(args.max_images, len(eval_set))))
+    name = f"{dataset} {split} ({split_by})" + ("" if args.subset == "all" else f" {args.subset}")
+    return torch.utils.data.DataLoader(eval_set, batch_size=args.batch_size, shuffle=False,
+                                       num_workers=args.workers, collate_fn=collate), name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a Prompt-RIS run (§4.1 metrics) or segment one image.")
+    p.add_argument("--checkpoint", default="runs/demo",
+                   help="run directory (config.json + model.safetensors, written by train.py) or its model.safetensors")
+    p.add_argument("--data-root", help="DATA_ROOT of the refer layout (default: the run's data root)")
+    p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth, or name:split_by "
+                                     "(default: the run's validation set)")
+    p.add_argument("--split-by", help="unc | umd | google (default: umd for refcocog, else unc)")
+    p.add_argument("--split", help="val | testA | testB | test ... (default: the run's validation split, val)")
+    p.add_argument("--subset", choices=("all", "seen", "unseen"), default="all",
+                   help="Table 2: only refs of seen / unseen categories")
+    p.add_argument("--output", choices=OUTPUTS, default="mask",
+                   help="Table 3: final SAM mask, or the CLIP-only coarse mask")
+    p.add_argument("--prompts", help="Table 5: prompts given to SAM, a subset of mask,point,text or none "
+                                     "(default: the run's)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (all their sentences)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON (last line)")
+    p.add_argument("--save-vis", metavar="DIR", help="save Fig. 4-style panels of the first --max-vis expressions")
+    p.add_argument("--max-vis", type=int, default=8)
+    p.add_argument("--image", help="segment one image instead (with --text, writes --out)")
+    p.add_argument("--text", help="referring expression for --image")
+    p.add_argument("--out", default="pred.png", help="panel written for --image")
+    args = p.parse_args(argv)
+    if (args.image is None) != (args.text is None):
+        p.error("--image and --text go together")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = parse_prompts(args.prompts)
+    amp_dtype = AMP_DTYPES[args.amp]
+    model, tokenizer, run_config = load_run(args.checkpoint, args.device)
+
+    if args.image is not None:
+        if not os.path.isfile(args.image):
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        image = Image.open(args.image).convert("RGB")
+        result = predict_image(model, tokenizer, image, args.text, device=args.device, output=args.output,
+                               prompts=prompts, amp_dtype=amp_dtype)
+        panel = render_panel(image, result["mask"], result["coarse"], f'"{args.text}"', result["point"])
+        panel.save(args.out)
+        summary = {"out": args.out, "size": list(panel.size), "mask_fraction": float(result["mask"].mean()),
+                   "point": result["point"]}
+        print(f"wrote {args.out} ({panel.width}x{panel.height}): mask covers "
+              f"{100 * summary['mask_fraction']:.1f}% of the image")
+        if args.json:
+            print(json.dumps(summary))
+        return 0
+
+    loader, name = build_loader(args, run_config, tokenizer, model.config)
+    used = model.config.prompts if prompts is None else prompts
+    result = evaluate(model, loader, device=args.device, output=args.output, prompts=prompts, amp_dtype=amp_dtype,
+                      vis_dir=args.save_vis, max_vis=args.max_vis if args.save_vis else 0)
+    images = len(loader.dataset)
+    print(f"{args.checkpoint} on {name}: {images} images, {result['n']} expressions, output {args.output}"
+          + (f", prompts {','.join(used) or 'none'}" if args.output == "mask" else ""))
+    print(format_table(result))
+    if "reuse_speedup" in result:
+        print(f"model time {result['s_per_expression'] * 1e3:.1f} ms/expression with the SAM image embedding "
+              f"computed once per image ({result['n'] / images:.1f} expressions/image); "
+              f"{result['s_per_expression_no_reuse'] * 1e3:.1f} ms if recomputed per expression: "
+              f"{result['reuse_speedup']:.2f}x faster")
+    if args.save_vis:
+        print(f"panels of the first {min(args.max_vis, result['n'])} expressions in {args.save_vis}")
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "data": name, "output": args.output,
+                          "prompts": list(used), **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"eval.py: error: {e}")
