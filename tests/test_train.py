@@ -1,0 +1,353 @@
+"""train.py: the loop learns, resumes bitwise, runs under DDP and fails loudly.
+
+Every run uses a micro configuration on a micro built-in dataset (8 training images of 32 x 32
+pixels for both towers, batches of 4 images x 2 sentences, 2 steps per epoch), so the whole file
+stays within a few minutes on 2 CPU cores.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """train.main sets process-wide knobs (--threads, flush-denormal); other test files get them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def micro_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("micro_synth"))
+    data.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
+    return root
+
+
+def micro_args(root, out, *extra):
+    """2 steps per epoch, stage 1 (coarse mask only) in epoch 0, end to end from epoch 1."""
+    return ["--config", "demo", "--data-root", root, "--out", str(out), "--clip-size", "32", "--sam-size", "32",
+            "--images-per-batch", "4", "--sentences-per-image", "2", "--epochs", "4", "--stage1-epochs", "1",
+            "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def saved_state(out):
+    """Weights (model.safetensors) and the optimizer's moments of a finished run."""
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    moments = {f"{i}.{k}": v for i, s in ckpt["optimizer"]["state"].items() for k, v in s.items()}
+    return load_file(os.path.join(out, "model.safetensors")), moments, ckpt
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+# ---- learning ----
+
+
+def test_few_steps_lower_the_loss(micro_root, tmp_path):
+    out = tmp_path / "run"
+    result = train.main(micro_args(micro_root, out, "--images-per-batch", "8", "--epochs", "10",
+                                   "--stage1-epochs", "10"))
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 10 and result["step"] == 10
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    metrics = json.load(open(out / "metrics.json"))
+    assert {"mIoU", "oIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9"} <= metrics.keys()
+    assert result["metrics"]["mIoU"] == metrics["mIoU"] and "mIoU" in result["untrained"]
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "train.log")
+
+
+def test_run_directory_loads_back_with_eval(micro_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    import eval as ris_eval
+    model, _, run_config = ris_eval.load_run(str(out))
+    trained = load_file(os.path.join(out, "model.safetensors"))
+    assert_bitwise_equal(trained, {k: v for k, v in model.state_dict().items() if k in trained})
+    assert run_config["train"]["max_steps"] == 1 and run_config["vocab"] is None
+
+
+# ---- resume ----
+
+
+def test_resume_after_stop_reproduces_uninterrupted_run_bitwise(micro_root, tmp_path):
+    # 6 steps cross the stage switch (step 3) and an epoch boundary; the stop at 3 is mid-epoch
+    common = ["--save-every", "2", "--eval-every", "2"]
+    train.main(micro_args(micro_root, tmp_path / "straight", *common, "--max-steps", "6"))
+    train.main(micro_args(micro_root, tmp_path / "stopped", *common, "--max-steps", "3"))
+    train.main(micro_args(micro_root, tmp_path / "stopped", *common, "--max-steps", "6", "--resume"))
+    weights_a, moments_a, ckpt_a = saved_state(tmp_path / "straight")
+    weights_b, moments_b, ckpt_b = saved_state(tmp_path / "stopped")
+    assert_bitwise_equal(weights_a, weights_b)
+    assert_bitwise_equal(moments_a, moments_b)
+    assert (ckpt_a["step"], ckpt_a["epoch"], ckpt_a["batch_in_epoch"]) == (ckpt_b["step"], 3, 0)
+    steps = [r["step"] for r in read_log(tmp_path / "stopped") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_run_bitwise(micro_root, tmp_path):
+    killed = tmp_path / "killed"
+    args = micro_args(micro_root, killed, "--epochs", "100", "--save-every", "1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            log = killed / "log.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed_from = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
+    assert resumed_from >= 2
+    n = resumed_from + 2
+    train.main(micro_args(micro_root, killed, "--epochs", "100", "--save-every", "1", "--max-steps", str(n),
+                          "--resume"))
+    train.main(micro_args(micro_root, tmp_path / "straight", "--epochs", "100", "--save-every", "1",
+                          "--max-steps", str(n)))
+    weights_a, moments_a, _ = saved_state(tmp_path / "straight")
+    weights_b, moments_b, _ = saved_state(killed)
+    assert_bitwise_equal(weights_a, weights_b)
+    assert_bitwise_equal(moments_a, moments_b)
+
+
+def test_resume_without_flags_takes_the_run_config(micro_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    tc = train.parse_args(["--resume", "--out", str(out)])
+    assert (tc.clip_size, tc.images_per_batch, tc.data_root, tc.max_steps) == (32, 4, micro_root, 0)
+
+
+# ---- checkpoints and failures ----
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(micro_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    path = out / "ckpt.pt"
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
+        path.write_bytes(damaged)
+        with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: corrupt or truncated checkpoint"):
+            train.main(micro_args(micro_root, out, "--resume"))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"previous")
+
+    def crash_midway(f):
+        f.write(b"half of a new checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        train.atomic_write(str(path), crash_midway)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_missing_weights_file_fails_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
+            "--data-root", str(tmp_path), "--out", str(out)]
+    with pytest.raises(FileNotFoundError, match=r"--clip-weights .*clip\.safetensors: no such file; download"):
+        train.main(args)
+    assert not out.exists()
+
+
+def test_missing_data_fails_before_any_work(tmp_path):
+    for name in ("clip.safetensors", "sam.safetensors"):
+        (tmp_path / name).write_bytes(b"")  # present: the data check comes before reading them
+    out = tmp_path / "run"
+    args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
+            "--data-root", str(tmp_path / "refer"), "--out", str(out)]
+    with pytest.raises(FileNotFoundError, match=r"refcoco/refs\(unc\)\.p.*lichengunc/refer"):
+        train.main(args)
+    assert not out.exists()
+
+
+def test_paper_config_without_weights_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match="--config paper needs --clip-weights, --sam-weights, --data-root"):
+        train.main(["--config", "paper", "--out", str(tmp_path / "run")])
+
+
+def test_nan_loss_stops_naming_step_and_term(micro_root, tmp_path, monkeypatch):
+    calls = []
+
+    def loss_with_nan_at_third_step(*args, **kwargs):
+        terms = real_total_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["clip_seg"] = terms["clip_seg"] * float("nan")
+            terms["loss"] = sum(v for k, v in terms.items() if k != "loss")
+        return terms
+
+    real_total_loss = train.total_loss
+    monkeypatch.setattr(train, "total_loss", loss_with_nan_at_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"step 3: loss term 'clip_seg' is nan.*\(step 2\)"):
+        train.main(micro_args(micro_root, out, "--save-every", "1"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+# ---- command line ----
+
+
+def test_help_lists_every_knob_with_paper_value(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in train.TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "(paper: 0.0001; demo: 0.002)" in text and "[§4.2]" in text
+
+
+def test_presets_paper_values_and_auto_choice(tmp_path):
+    paper = train.parse_args(["--config", "paper"])
+    assert (paper.lr, paper.lr_power, paper.epochs, paper.stage1_epochs) == (1e-4, 0.9, 50, 20)
+    assert (paper.images_per_batch, paper.sentences_per_image, paper.clip_size, paper.sam_size,
+            paper.n_prompts) == (16, 4, 480, 1024, 16)
+    assert train.parse_args([]).config == "demo" and train.parse_args([]).out == "runs/demo"
+    assert train.parse_args(["--data-root", str(tmp_path)]).config == "paper"
+    assert train.parse_args(["--out", "elsewhere", "--lr", "3e-4"]).lr == 3e-4
+
+
+def test_polynomial_decay_schedule():
+    tc = train.parse_args(["--config", "paper"])
+    assert train.lr_at(0, 100, tc) == 1e-4
+    assert train.lr_at(50, 100, tc) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert train.lr_at(99, 100, tc) == pytest.approx(1e-4 * 0.01 ** 0.9)
+
+
+# ---- memory and speed options ----
+
+
+def micro_model(root, *extra):
+    tc = train.parse_args(micro_args(root, "unused", *extra))
+    torch.manual_seed(0)
+    model, _ = train.build_model(tc)
+    return model, tc
+
+
+def micro_batch(root, tc, images):
+    tokenizer = train.Tokenizer(None)
+    train_set, _ = train.build_data(tc, tokenizer, master=True)
+    return data.collate([train_set[i] for i in images])
+
+
+def test_grad_checkpoint_gives_the_same_gradients(micro_root):
+    grads = []
+    for extra in ((), ("--grad-checkpoint",)):
+        model, tc = micro_model(micro_root, *extra)
+        if extra:
+            train.checkpoint_clip_blocks(model)
+        model.eval()  # deterministic: no Gumbel noise, no prompt dropout
+        batch = micro_batch(micro_root, tc, range(4))
+        train.forward_losses(model, batch, "cpu", use_sam=True)["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_sam_embedding_cache_matches_the_encoder(micro_root, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(micro_args(micro_root, out, "--no-train-towers", "--stage1-epochs", "0", "--max-steps", "2",
+                          "--cache-sam", str(cache)))
+    (key,) = os.listdir(cache)
+    files = sorted(os.listdir(cache / key))
+    assert len(files) == 8  # every training image once after one epoch
+    model, tc = micro_model(micro_root, "--no-train-towers")
+    batch = micro_batch(micro_root, tc, [0])
+    with torch.no_grad():
+        expected = model.encode_sam_image(batch["sam_images"])[0]
+    cached = torch.load(cache / key / f"{int(batch['image_ids'][0])}.pt", weights_only=True)
+    torch.testing.assert_close(cached, expected)
+
+
+# ---- several processes ----
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _ddp_worker(rank, world, port, grad_port, root, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # the real path: torchrun's environment, gloo, DistributedSampler, rank-0 files
+    train.main(micro_args(root, os.path.join(out, "run"), "--max-steps", "3"))
+    # gradients of one global batch of 4 images, 2 per rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{grad_port}", rank=rank, world_size=world)
+    model, tc = micro_model(root)
+    ddp = DDP(model, find_unused_parameters=True)
+    batch = micro_batch(root, tc, [rank, rank + 2])
+    grads = {}
+    for use_sam in (False, True):
+        model.train(not use_sam)  # stage 2 in eval mode: no Gumbel noise, no prompt dropout
+        train.forward_losses(ddp, batch, "cpu", use_sam=use_sam)["loss"].backward()
+        grads[use_sam] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    torch.save(grads, os.path.join(out, f"grads{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, *_free_ports(2), micro_root, str(tmp_path)), nprocs=2, join=True)
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' random states
+    model, tc = micro_model(micro_root)
+    assert ckpt["model"].keys() == model.state_dict().keys()  # the unwrapped module, no "module." prefix
+    assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3]  # rank 0 logs alone
+
+    batch = micro_batch(micro_root, tc, [0, 2, 1, 3])
+    for use_sam in (False, True):
+        model.train(not use_sam)
+        train.forward_losses(model, batch, "cpu", use_sam=use_sam)["loss"].backward()
+        single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        for rank in (0, 1):
+            ddp_grads = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)[use_sam]
+            for name in single.keys() | ddp_grads.keys():  # an unused parameter: None or zeros
+                expected = single.get(name, torch.zeros_like(ddp_grads.get(name, torch.empty(0))))
+                got = ddp_grads.get(name, torch.zeros_like(expected))
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6,
+                                           msg=f"rank {rank} {name} (use_sam={use_sam})")
+        model.zero_grad(set_to_none=True)

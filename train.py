@@ -1,0 +1,711 @@
+"""Train Prompt-RIS (§4.2): the whole loop in one file, in order, nanoGPT style.
+
+    python train.py                                   # demo: built-in data, tiny model, CPU, < 10 min
+    python train.py --config paper --clip-weights clip_vit_b16.safetensors \\
+        --sam-weights sam_vit_b.safetensors --vocab bpe_simple_vocab_16e6.txt.gz --data-root data/refer
+    torchrun --nproc_per_node=8 train.py --config paper ...       # DDP: the global batch is split
+    python train.py --resume --out runs/paper         # continue a killed run, bitwise exactly (CPU)
+    python train.py --help                            # every knob, its paper value and section
+
+Order of this file: the knobs (TrainConfig, presets, command line), helpers the loop calls (model,
+data, checkpoints, randomness), then `main`: setup -> model -> data -> optimizer -> resume ->
+training loop -> final evaluation. The paper's schedule (§4.2): AdamW, lr 1e-4 with polynomial
+decay (power 0.9), 50 epochs of 16 images x 4 sentences; the first 20 epochs train CLIP + CMP + ICL
+on the coarse mask only, the last 30 the whole model end to end. CLIP and SAM stay frozen.
+
+The demo has no official weights to start from, and frozen random towers learn nothing, so it
+trains the small CLIP and SAM towers too (it says so in the log).
+
+Data loading uses num_workers=0 by default: on a 2-core CPU a worker competes with the model for the
+same cores. With workers nothing changes in the results: every item's randomness is derived from
+(seed, epoch, index) in data.RefTrainSet, whichever process loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as safetensors_bytes
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+import data
+from clip_vit import Tokenizer
+from eval import evaluate
+from load_weights import load_clip, load_sam
+from prompt_ris import PromptRIS, PromptRISConfig, total_loss
+
+# ---------------------------------------------------------------------------------------------
+# Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_DEFAULTS = PromptRISConfig()  # prompt dropout and Gumbel temperature live in the model config
+
+
+def knob(default, help: str, section: str = "", **argparse_kwargs):
+    """A TrainConfig field: its default, help text, the paper section it comes from, argparse extras."""
+    return field(default=default, metadata={"help": help, "section": section, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train on --
+    config: str = knob("auto", "preset: 'paper' (§4.2) or 'demo' (tiny model, built-in data, CPU); "
+                       "'auto' = paper when weights or a data root are given, else demo",
+                       choices=("auto", "paper", "demo"))
+    out: str = knob("runs/paper", "run directory: config.json, ckpt.pt, model.safetensors, log.jsonl, "
+                    "train.log, metrics.json")
+    clip_weights: str | None = knob(None, "CLIP ViT-B/16 safetensors (OpenAI or Hugging Face naming)", "§4.2",
+                                    type=str)
+    sam_weights: str | None = knob(None, "SAM ViT-B safetensors (segment_anything or Hugging Face naming)",
+                                   "§4.2", type=str)
+    vocab: str | None = knob(None, "CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz, or a Hugging Face "
+                             "vocab.json with merges.txt beside it); none = byte-level tokens", "§3.1", type=str)
+    data_root: str | None = knob(None, "refer-API data root (see data.py); the demo writes its built-in "
+                                 "data there when absent", "§4.1", type=str)
+    datasets: str = knob("refcoco,refcoco+,refcocog", "training sets, combined with every val/test image "
+                         "removed; name or name:split_by (default splits unc, unc, umd)", "§4.2")
+    val_dataset: str = knob("refcoco", "validation set (name or name:split_by)", "§4.1")
+    val_split: str = knob("val", "validation split", "§4.1")
+    val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)")
+    # -- model (sizes and the ablation switches of Tables 3-5) --
+    clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2")
+    sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2")
+    n_prompts: int = knob(16, "prompt tokens n per layer and direction", "§4.2")
+    cmp: str = knob("both", "Cross-Modal Prompting: both | v2l | l2v | none", "Table 4",
+                    choices=("both", "v2l", "l2v", "none"))
+    prompts: str = knob("mask,point,text", "prompt types given to SAM", "Table 5")
+    use_sam: bool = knob(True, "train and evaluate the SAM branch (--no-use-sam: coarse mask only)", "Table 3")
+    prompt_dropout: float = knob(_MODEL_DEFAULTS.prompt_dropout, "drop rate of each prompt type in training "
+                                 "(rate not given in the paper)", "§4.2")
+    gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)")
+    train_towers: bool | None = knob(None, "also train the CLIP and SAM towers; default: only when no official "
+                                     "weights are given (random towers must learn)", "§3.1")
+    # -- optimisation --
+    images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2")
+    sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2")
+    epochs: int = knob(50, "training epochs", "§4.2")
+    stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM)", "§4.2")
+    lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2")
+    lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2")
+    warmup_steps: int = knob(0, "linear warm-up steps (not in the paper)")
+    weight_decay: float = knob(0.01, "AdamW weight decay (not given; PyTorch's AdamW default)")
+    grad_clip: float = knob(0.0, "clip the gradient norm at this value (0 = off; not in the paper)")
+    # -- running for days --
+    seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)")
+    device: str = knob("auto", "cpu | cuda | cuda:N | auto")
+    dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)",
+                      choices=("auto", "bfloat16", "float32"))
+    grad_checkpoint: bool = knob(False, "recompute CLIP residual blocks in backward (less memory)")
+    compile: bool = knob(False, "torch.compile the model")
+    cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM "
+                                 "only), keyed by image id + SAM weights hash", type=str)
+    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)")
+    threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
+                        "from a second thread, which only spins and slows down on a busy machine")
+    resume: bool = knob(False, "continue the run in --out from ckpt.pt (weights, optimizer, step, sampler "
+                        "position, RNG states); flags not given are taken from its config.json")
+    max_steps: int = knob(0, "stop after this global step (0 = run all epochs); the LR schedule still "
+                          "spans all epochs, so a stopped run resumes exactly")
+    save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)")
+    eval_every: int = knob(0, "validate every N steps (0 = only at the end)")
+    log_every: int = knob(10, "write a log.jsonl line every N steps")
+
+
+def demo_preset() -> TrainConfig:
+    """`python train.py` with nothing else: tiny model on the built-in data, < 10 min on 2 CPU cores."""
+    return TrainConfig(
+        config="demo", out="runs/demo", data_root="data/synth", datasets="synth", val_dataset="synth",
+        clip_size=128, sam_size=192, images_per_batch=8, sentences_per_image=4, epochs=20, stage1_epochs=4,
+        lr=2e-3, warmup_steps=30, grad_clip=1.0, threads=1, save_every=200, eval_every=0, log_every=10)
+
+
+PRESETS = {"paper": TrainConfig(config="paper"), "demo": demo_preset()}
+PER_RUN_FLAGS = ("resume", "max_steps")  # never taken over from a resumed run's config.json
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "synth": "unc"}
+
+
+def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field; help = what it does, the paper section, the paper and demo values."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        meta = dict(f.metadata)
+        help_text, section = meta.pop("help"), meta.pop("section")
+        paper, demo = getattr(PRESETS["paper"], f.name), getattr(PRESETS["demo"], f.name)
+        help_text += f" [{section}]" if section else ""
+        help_text += f" (paper: {paper}" + (f"; demo: {demo})" if demo != paper else ")")
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text.replace("%", "%%"))
+        else:
+            kind = meta.pop("type", type(default))
+            parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Preset first (--config, or auto from the inputs given), then every flag on top of it.
+
+    With --resume the saved config.json of --out is the base instead, so `--resume --out DIR` alone
+    continues a run with its own settings (flags given now still win).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = argparse.ArgumentParser(add_help=False)
+    for name in ("--config", "--clip-weights", "--sam-weights", "--data-root", "--out"):
+        early.add_argument(name)
+    early.add_argument("--resume", action="store_true")
+    known, _ = early.parse_known_args(argv)
+    preset = known.config or "auto"
+    if preset == "auto":
+        preset = "paper" if (known.clip_weights or known.sam_weights or known.data_root) else "demo"
+    defaults = PRESETS[preset]
+    if known.resume:
+        out = known.out or defaults.out
+        saved = _read_json(os.path.join(out, "config.json"), "--resume needs the run's config.json")
+        unknown = sorted(set(saved.get("train", {})) - {f.name for f in fields(TrainConfig)})
+        if unknown or "train" not in saved:
+            raise ValueError(f"{os.path.join(out, 'config.json')}: no 'train' entry or unknown keys {unknown}")
+        defaults = replace(TrainConfig(**saved["train"]), **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
+    args = build_parser(defaults).parse_args(argv)
+    tc = TrainConfig(**vars(args))
+    return tc if tc.config != "auto" else replace(tc, config=preset)
+
+
+def _read_json(path: str, why: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found ({why})")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: every missing path is reported before any work, with where to get it
+# ---------------------------------------------------------------------------------------------
+
+HOW_TO_GET = {
+    "clip_weights": "download https://huggingface.co/openai/clip-vit-base-patch16/resolve/main/model.safetensors "
+                    "(Hugging Face naming is read directly), or convert OpenAI's ViT-B-16.pt with "
+                    "`python load_weights.py convert ViT-B-16.pt clip_vit_b16.safetensors`",
+    "sam_weights": "download https://huggingface.co/facebook/sam-vit-base/resolve/main/model.safetensors, or "
+                   "convert sam_vit_b_01ec64.pth (segment-anything's model zoo) with "
+                   "`python load_weights.py convert sam_vit_b_01ec64.pth sam_vit_b.safetensors`",
+    "vocab": "get bpe_simple_vocab_16e6.txt.gz from the openai/CLIP repository (clip/), or vocab.json + "
+             "merges.txt from huggingface.co/openai/clip-vit-base-patch16",
+    "data_root": "put the refer annotations (github.com/lichengunc/refer: refcoco/refs(unc).p, instances.json, "
+                 "...) under DATA_ROOT/<dataset>/ and COCO train2014 images under DATA_ROOT/images/train2014/",
+}
+
+
+def dataset_specs(names: str) -> list[tuple[str, str]]:
+    """'refcoco,refcocog:google' -> [('refcoco', 'unc'), ('refcocog', 'google')]."""
+    specs = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        dataset, _, split_by = name.partition(":")
+        if not split_by and dataset not in DEFAULT_SPLIT_BY:
+            raise ValueError(f"--datasets: no default split for '{dataset}'; write it as {dataset}:SPLIT_BY")
+        specs.append((dataset, split_by or DEFAULT_SPLIT_BY[dataset]))
+    if not specs:
+        raise ValueError("--datasets is empty")
+    return specs
+
+
+def check_inputs(tc: TrainConfig) -> None:
+    """Fail before any work if a file the run needs is missing; the message says how to get it."""
+    if tc.config == "paper" and not (tc.clip_weights and tc.sam_weights and tc.data_root):
+        missing = [f"--{k.replace('_', '-')}" for k in ("clip_weights", "sam_weights", "data_root")
+                   if not getattr(tc, k)]
+        raise ValueError(f"--config paper needs {', '.join(missing)}: "
+                         + "; ".join(HOW_TO_GET[k] for k in ("clip_weights", "sam_weights", "data_root")
+                                     if not getattr(tc, k))
+                         + ". Without them run the demo (`python train.py`).")
+    if tc.resume and not os.path.isfile(os.path.join(tc.out, "ckpt.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(tc.out, 'ckpt.pt')}; "
+                                "start without --resume")
+    for key in ("clip_weights", "sam_weights"):
+        path = getattr(tc, key)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file; {HOW_TO_GET[key]}")
+    if tc.vocab is not None and not os.path.exists(tc.vocab):
+        raise FileNotFoundError(f"--vocab {tc.vocab}: no such file; {HOW_TO_GET['vocab']}")
+    specs = dataset_specs(tc.datasets) + dataset_specs(tc.val_dataset)
+    if all(name == "synth" for name, _ in specs):
+        return  # the built-in data is written when absent
+    root = tc.data_root or ""
+    for name, split_by in specs:
+        folder = os.path.join(root, name)
+        refs = [os.path.join(folder, f"refs({split_by}).{ext}") for ext in ("p", "json")]
+        needed = [" or ".join(refs)] if not any(map(os.path.isfile, refs)) else []
+        needed += [p for p in [os.path.join(folder, "instances.json")] if not os.path.isfile(p)]
+        if needed:
+            raise FileNotFoundError(f"--data-root {root}: missing {'; '.join(needed)}; {HOW_TO_GET['data_root']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
+    """PromptRIS from official weights (paper) or randomly initialised tiny towers (demo).
+
+    Returns the model and whether the CLIP and SAM towers train (--train-towers, default: only
+    without official weights). Freezing is decided here, in PromptRIS.freeze_backbones.
+    """
+    base = PromptRISConfig.paper() if tc.config == "paper" else PromptRISConfig.tiny()
+    clip = load_clip(tc.clip_weights) if tc.clip_weights else None
+    sam = load_sam(tc.sam_weights) if tc.sam_weights else None
+    if sam is not None and sam.config.image_size != tc.sam_size:
+        raise ValueError(f"--sam-size {tc.sam_size} differs from the image size of {tc.sam_weights} "
+                         f"({sam.config.image_size})")
+    config = replace(base, clip=clip.config if clip else base.clip,
+                     sam=sam.config if sam else replace(base.sam, image_size=tc.sam_size),
+                     clip_image_size=tc.clip_size, n_prompts=tc.n_prompts, cmp=tc.cmp, use_sam=tc.use_sam,
+                     prompts=tuple(p for p in tc.prompts.split(",") if p), prompt_dropout=tc.prompt_dropout,
+                     gumbel_tau=tc.gumbel_tau)
+    model = PromptRIS(config, clip, sam)
+    train_towers = tc.train_towers if tc.train_towers is not None else (clip is None and sam is None)
+    model.freeze_backbones(clip=not train_towers, sam=not train_towers)
+    return model, train_towers
+
+
+def checkpoint_clip_blocks(model: PromptRIS) -> None:
+    """--grad-checkpoint: each CLIP residual block keeps only its input and recomputes the rest in the
+    backward pass (torch.utils.checkpoint). Set on the instances, so parameter names are unchanged."""
+    for block in (*model.clip.visual.transformer.resblocks, *model.clip.transformer.resblocks):
+        block.forward = lambda x, attn_mask=None, f=block.forward: checkpoint(f, x, attn_mask, use_reentrant=False)
+
+
+def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
+    """(train set, val set) from the refer-API layout; the demo's built-in data is written first."""
+    specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
+    if all(name == "synth" for name, _ in specs + [val_spec]):
+        if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
+            data.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
+        barrier()  # other ranks wait for the data
+    loaded = {spec: data.load_refs(tc.data_root, *spec) for spec in dict.fromkeys(specs + [val_spec])}
+    train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
+                                 sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed)
+    val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
+                              sam_size=tc.sam_size)
+    return train_set, val_set
+
+
+def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> list[list[int]]:
+    """This rank's image indices for every step of `epoch`: the sampler's shuffle (seed + epoch) cut
+    into batches, the incomplete last one dropped. Step t of rank r holds global positions
+    t*B + r, t*B + r + world, ...: the ranks together see exactly the global batch of one process."""
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[i:i + per_rank] for i in range(0, len(indices) - per_rank + 1, per_rank)]
+
+
+def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None) -> dict:
+    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum). Without given SAM
+    features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"] itself."""
+    sam_images = batch["sam_images"].to(device) if use_sam and sam_features is None else None
+    index = batch["image_index"].to(device)
+    out = model(batch["clip_images"].to(device), batch["tokens"].to(device), index, sam_embeddings=sam_features,
+                sam_images=sam_images, use_sam=use_sam)
+    return total_loss(out, batch["masks"].to(device), batch["instance_ids"].to(device), index)
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM image embeddings: once per image per batch, optionally cached on disk across epochs
+# ---------------------------------------------------------------------------------------------
+
+
+def sam_weights_hash(model: PromptRIS, amp_dtype) -> str:
+    """Key of the embedding cache: SAM image-encoder weights, input size and autocast dtype."""
+    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}".encode())
+    for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None) -> torch.Tensor:
+    """F_IS (B, C, h, w) for the batch's images. SAM's encoder is frozen, so no graph is kept and an
+    image's embedding never changes: computed once per image (not per sentence) and, with a cache
+    directory, read back in later epochs (DataLoader images are not augmented, so this is exact)."""
+    if cache_dir is None:
+        return model.encode_sam_image(batch["sam_images"].to(device))
+    paths = [os.path.join(cache_dir, f"{int(i)}.pt") for i in batch["image_ids"]]
+    missing = [b for b, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing:
+        fresh = model.encode_sam_image(batch["sam_images"][missing].to(device))
+        for b, embedding in zip(missing, fresh):
+            atomic_write(paths[b], lambda f, e=embedding: torch.save(e.float().cpu().clone(), f))
+    return torch.stack([torch.load(p, map_location=device, weights_only=True) for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and randomness
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace: a crash at any moment leaves
+    either the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+def rng_state() -> dict:
+    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), CUDA."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Validation in the middle of training must not shift the training's random streams."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with weights_only (plain tensors and containers, no code), or a CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, garbage bytes, foreign pickle
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e}). Checkpoints "
+                              "are replaced atomically, so this file was damaged after it was written; "
+                              "delete it to start over") from e
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint, missing {missing}")
+    return ckpt
+
+
+def save_run_model(model: PromptRIS, path: str) -> None:
+    """model.safetensors: the full PromptRIS state dict (CLIP and SAM included), for eval.load_run."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: f.write(safetensors_bytes(state)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+# ---------------------------------------------------------------------------------------------
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def lr_at(step: int, total: int, tc: TrainConfig) -> float:
+    """§4.2 polynomial decay lr * (1 - step / total) ** 0.9, after an optional linear warm-up."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    return tc.lr * (1 - step / total) ** tc.lr_power
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    """Train as the flags say; returns {"metrics": final val metrics, "untrained": metrics before training
+    (fresh runs), "step", "wall_s", "peak_memory_mb", "out"}."""
+    started = time.time()
+    tc = parse_args(argv)
+    check_inputs(tc)
+
+    # -- processes and device: one per GPU under torchrun, else a single process --
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device_name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
+    if ddp and device_name == "cuda":
+        device_name = f"cuda:{local_rank}"
+    device = torch.device(device_name)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    master = rank == 0
+    if tc.images_per_batch % world:
+        raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
+    per_rank = tc.images_per_batch // world
+    amp_dtype = torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda") else None
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # AdamW's second moments of rarely used rows decay into slow denormals
+
+    os.makedirs(tc.out, exist_ok=True)
+    ckpt_path = os.path.join(tc.out, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if tc.resume else None  # read (and validated) before any other work
+    if master and not tc.resume:  # a fresh run in an old directory starts fresh logs
+        for name in ("train.log", "log.jsonl", "metrics.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(tc.out, name))
+
+    def log(message: str) -> None:
+        if master:
+            tqdm.write(message)
+            with open(os.path.join(tc.out, "train.log"), "a") as f:
+                f.write(message + "\n")
+
+    def log_json(record: dict) -> None:
+        if master:
+            with open(os.path.join(tc.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- model --
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    raw_model, train_towers = build_model(tc)
+    if ckpt is not None and ckpt["model_config"] != raw_model.config.to_dict():
+        differ = sorted(k for k, v in raw_model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
+        raise CheckpointError(f"{ckpt_path}: saved for a different model (config keys {differ} differ from the flags)")
+    raw_model.to(device).train()
+    if tc.grad_checkpoint:
+        checkpoint_clip_blocks(raw_model)
+    tokenizer = Tokenizer(tc.vocab)
+    params = raw_model.trainable_parameters()
+    log(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {device} x {world}"
+        f" ({'autocast ' + str(amp_dtype) if amp_dtype else 'float32'})")
+    log(f"trainable parameters: {sum(p.numel() for p in params):,} of {raw_model.count_parameters(False):,}")
+    log("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
+        "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
+                                       "prompter train")
+    if master:
+        with open(os.path.join(tc.out, "config.json"), "w") as f:
+            json.dump({"model": raw_model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}, f, indent=1)
+
+    # -- data: image items, DistributedSampler over them, the global batch split across ranks --
+    train_set, val_set = build_data(tc, tokenizer, master)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images give no full batch of {tc.images_per_batch}")
+    total_steps = tc.epochs * steps_per_epoch
+    max_steps = min(tc.max_steps or total_steps, total_steps)
+    periodic_val = val_set if not tc.val_images else Subset(val_set, range(min(tc.val_images, len(val_set))))
+
+    def val_loader(dataset):
+        return DataLoader(dataset, batch_size=per_rank, collate_fn=data.collate, num_workers=tc.num_workers)
+
+    def validate(stage: int, dataset) -> dict:
+        """Rank 0 evaluates the unwrapped model: the coarse mask in stage 1, SAM's mask in stage 2."""
+        output = "mask" if stage == 2 else "coarse"
+        with rng_untouched():
+            return {"output": output} | evaluate(raw_model, val_loader(dataset), device=device, output=output,
+                                                 amp_dtype=amp_dtype)
+
+    def stage_of(epoch: int) -> int:
+        return 1 if epoch < tc.stage1_epochs or not tc.use_sam else 2
+
+    # -- optimizer: AdamW over what trains; the LR is a function of the step (nothing else to save) --
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
+                                  fused=device.type in ("cpu", "cuda"))           # faster than per tensor
+    sam_cache = None
+    if tc.cache_sam and not train_towers:
+        sam_cache = os.path.join(tc.cache_sam, sam_weights_hash(raw_model, amp_dtype))
+        os.makedirs(sam_cache, exist_ok=True)
+
+    # -- resume: weights, optimizer, position in the data, and every random state --
+    step, epoch, batch_in_epoch, untrained = 0, 0, 0, None
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_in_epoch, untrained = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"]
+        if len(ckpt["rng"]) != world:
+            raise CheckpointError(f"{ckpt_path}: written by {len(ckpt['rng'])} processes, resumed with {world}")
+        set_rng_state(ckpt["rng"][rank])
+        if master:  # log lines after the checkpoint belong to the lost part of the run
+            _truncate_log(os.path.join(tc.out, "log.jsonl"), step)
+        log(f"resumed at step {step} (epoch {epoch}, batch {batch_in_epoch} of {steps_per_epoch})")
+        del ckpt
+    else:
+        if master:
+            untrained = validate(stage_of(tc.epochs - 1), val_set)
+            log(f"untrained model: val {untrained['output']} mIoU {untrained['mIoU']:.2f} "
+                f"oIoU {untrained['oIoU']:.2f}")
+        torch.manual_seed(tc.seed + rank)  # each rank its own Gumbel noise and prompt dropout
+
+    # -- wrappers for speed and for several processes; checkpoints keep raw_model --
+    model = torch.compile(raw_model) if tc.compile else raw_model
+    if ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    def save_checkpoint() -> None:
+        """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
+        states = [None] * world
+        if ddp:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            atomic_write(ckpt_path, lambda f: torch.save({
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "rng": states, "untrained": untrained,
+                "model_config": raw_model.config.to_dict(), "train_config": asdict(tc)}, f))
+
+    # -- the training loop --
+    log(f"{steps_per_epoch} steps per epoch x {tc.epochs} epochs = {total_steps} steps"
+        f"{f', stopping at {max_steps}' if max_steps < total_steps else ''}; stage 2 (end to end) from epoch "
+        f"{tc.stage1_epochs}")
+    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    last_saved, t_log, images_since_log = step, time.time(), 0
+    while step < max_steps:
+        batches = epoch_batches(sampler, epoch, per_rank)[batch_in_epoch:]  # skip what was consumed
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=tc.num_workers,
+                            pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
+        for batch in loader:
+            t_step = time.time()
+            stage = stage_of(epoch)
+            lr = lr_at(step, total_steps, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                features = None
+                if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
+                    with torch.no_grad():
+                        features = sam_embeddings(raw_model, batch, device, sam_cache)
+                terms = forward_losses(model, batch, device, use_sam=stage == 2, sam_features=features)
+            # every rank sees the same averaged terms, so a NaN anywhere stops all of them at once
+            values = torch.stack([v.detach().float() for v in terms.values()])
+            if ddp:
+                dist.all_reduce(values)  # sum (gloo has no average)
+                values /= world
+            values = dict(zip(terms, values.tolist()))
+            bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
+            if bad:
+                raise FloatingPointError(f"step {step + 1}: loss term '{bad[0]}' is {values[bad[0]]}; "
+                                         f"stopped before the update, last good checkpoint kept at {ckpt_path} "
+                                         f"(step {last_saved})")
+            terms["loss"].backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_in_epoch += 1
+            if batch_in_epoch == steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            images_since_log += tc.images_per_batch
+
+            if master:
+                pbar.update(1)
+                pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
+                    "lr": f"{lr:.2e}", "stage": stage, "img/s": f"{tc.images_per_batch / (time.time() - t_step):.0f}"})
+            if step % tc.log_every == 0 or step == max_steps:
+                elapsed = time.time() - t_log
+                log_json({"step": step, "epoch": epoch, "stage": stage, "lr": lr, **values,
+                          "images_per_s": images_since_log / elapsed, "elapsed_s": time.time() - started})
+                t_log, images_since_log = time.time(), 0
+            if step % tc.save_every == 0:
+                save_checkpoint()
+                last_saved = step
+            if tc.eval_every and step % tc.eval_every == 0 and master:
+                metrics = validate(stage, periodic_val)
+                log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} oIoU {metrics['oIoU']:.2f}")
+                log_json({"step": step, "val": metrics})
+            if step >= max_steps:
+                break
+    pbar.close()
+    if last_saved != step:
+        save_checkpoint()
+
+    # -- final evaluation and the files eval.py reads --
+    result = {"step": step, "untrained": untrained, "out": tc.out}
+    if master:
+        save_run_model(raw_model, os.path.join(tc.out, "model.safetensors"))
+        metrics = validate(stage_of(tc.epochs - 1), val_set)
+        result |= {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(device)}
+        with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+            json.dump(metrics | {"step": step, "untrained": untrained}, f, indent=1)
+        log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained "
+            f"{untrained['mIoU'] if untrained else float('nan'):.2f}) oIoU {metrics['oIoU']:.2f} "
+            + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+        log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
+            f"({'GPU allocated' if device.type == 'cuda' else 'max RSS'})")
+    barrier()
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+
+
+if __name__ == "__main__":
+    main()
