@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clip_vit import CLIP, CLIPConfig, text_attention_mask
 from sam import SAM, SAMConfig
@@ -284,11 +285,13 @@ class PromptGenerator(nn.Module):
 
 
 def run_with_prompts(block: nn.Module, x: torch.Tensor, prompts: Optional[torch.Tensor],
-                     attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[_; x'] = block([prompts; x]): prompts (N, n, D) are prepended for one layer, then dropped."""
-    if prompts is None:
-        return block(x, attn_mask)
-    return block(torch.cat([prompts, x], dim=1), attn_mask)[:, prompts.shape[1]:]
+                     attn_mask: Optional[torch.Tensor] = None, recompute: bool = False) -> torch.Tensor:
+    """[_; x'] = block([prompts; x]): prompts (N, n, D) are prepended for one layer, then dropped.
+    recompute: activation checkpointing, the block keeps only its input and reruns in the backward pass."""
+    if prompts is not None:
+        x = torch.cat([prompts, x], dim=1)  # (N, n + L, D)
+    x = checkpoint(block, x, attn_mask, use_reentrant=False) if recompute else block(x, attn_mask)
+    return x if prompts is None else x[:, prompts.shape[1]:]
 
 
 class CrossModalPrompting(nn.Module):
@@ -308,6 +311,7 @@ class CrossModalPrompting(nn.Module):
                                  for _ in range(depth)) if mode in ("both", "v2l") else None
         self.l2v = nn.ModuleList(PromptGenerator(n_prompts, clip.text_width, clip.vision_width, clip.text_heads)
                                  for _ in range(depth)) if mode in ("both", "l2v") else None
+        self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute CLIP blocks in backward (memory)
 
     def forward(self, clip: CLIP, images: torch.Tensor, tokens: torch.Tensor,
                 text_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -323,10 +327,14 @@ class CrossModalPrompting(nn.Module):
             to_text = None if self.v2l is None else self.v2l[i](x_v[:, 1:])  # reads F_IC^i (no CLS): (N, n, D_T)
             to_vision = None if self.l2v is None else self.l2v[i](x_t, text_valid)  # padding masked: (N, n, D_IC)
             # Eq. (5): T_V2L^i = CrossAttn(T_V^i, F_IC^i); [_; F_T^{i+1}] = E_T^{i+1}([T_V2L^i; F_T^i])
-            x_t = run_with_prompts(text_layer, x_t, to_text, text_mask)
+            x_t = run_with_prompts(text_layer, x_t, to_text, text_mask, self.recompute)
             # Eq. (6): T_L2V^i = CrossAttn(T_L^i, F_T^i); [_; c^{i+1}; F_IC^{i+1}] = E_I^{i+1}([T_L2V^i; c^i; F_IC^i])
-            x_v = run_with_prompts(vision_layer, x_v, to_vision)
+            x_v = run_with_prompts(vision_layer, x_v, to_vision, recompute=self.recompute)
         return x_v, x_t
+
+    @property
+    def recompute(self) -> bool:
+        return self.grad_checkpoint and torch.is_grad_enabled()
 
 
 # ---- the assembled model (Fig. 2) ----

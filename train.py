@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
@@ -288,13 +287,6 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
     return model, train_towers
 
 
-def checkpoint_clip_blocks(model: PromptRIS) -> None:
-    """--grad-checkpoint: each CLIP residual block keeps only its input and recomputes the rest in the
-    backward pass (torch.utils.checkpoint). Set on the instances, so parameter names are unchanged."""
-    for block in (*model.clip.visual.transformer.resblocks, *model.clip.transformer.resblocks):
-        block.forward = lambda x, attn_mask=None, f=block.forward: checkpoint(f, x, attn_mask, use_reentrant=False)
-
-
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
     """(train set, val set) from the refer-API layout; the demo's built-in data is written first."""
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
@@ -528,8 +520,7 @@ def main(argv=None) -> dict:
         differ = sorted(k for k, v in raw_model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
         raise CheckpointError(f"{ckpt_path}: saved for a different model (config keys {differ} differ from the flags)")
     raw_model.to(device).train()
-    if tc.grad_checkpoint:
-        checkpoint_clip_blocks(raw_model)
+    raw_model.cmp.grad_checkpoint = tc.grad_checkpoint  # recompute CLIP blocks in backward
     tokenizer = Tokenizer(tc.vocab)
     params = raw_model.trainable_parameters()
     log(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {device} x {world}"

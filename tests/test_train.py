@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import prompt_ris
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,16 +266,19 @@ def micro_batch(root, tc, images):
     return data.collate([train_set[i] for i in images])
 
 
-def test_grad_checkpoint_gives_the_same_gradients(micro_root):
+def test_grad_checkpoint_gives_the_same_gradients(micro_root, monkeypatch):
+    calls = []
+    real_checkpoint = prompt_ris.checkpoint
+    monkeypatch.setattr(prompt_ris, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     grads = []
     for extra in ((), ("--grad-checkpoint",)):
         model, tc = micro_model(micro_root, *extra)
-        if extra:
-            train.checkpoint_clip_blocks(model)
+        model.cmp.grad_checkpoint = bool(extra)
         model.eval()  # deterministic: no Gumbel noise, no prompt dropout
         batch = micro_batch(micro_root, tc, range(4))
         train.forward_losses(model, batch, "cpu", use_sam=True)["loss"].backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 4  # tiny CLIP: 2 vision + 2 text blocks recomputed, only with the flag
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
