@@ -1018,4 +1018,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError) as e:  # the message names the file and the record
+        sys.exit(f"data.py: error: {e}")

@@ -313,11 +313,12 @@ class CrossModalPrompting(nn.Module):
                                  for _ in range(depth)) if mode in ("both", "l2v") else None
         self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute CLIP blocks in backward (memory)
 
-    def forward(self, clip: CLIP, images: torch.Tensor, tokens: torch.Tensor,
+    def forward(self, clip: CLIP, images: torch.Tensor, image_index: torch.Tensor, tokens: torch.Tensor,
                 text_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, H, W) (one per sentence), tokens (N, L), text_valid (N, L) ->
+        """images (B, 3, H, W), image_index (N,), tokens (N, L), text_valid (N, L) ->
         last-layer vision tokens x_v (N, 1 + N_C, D_IC) and text tokens x_t (N, L, D_T)."""
-        x_v = clip.visual.embed(images)  # [c^0; F_IC^0]: (N, 1 + N_C, D_IC)
+        # the patch embedding does not depend on the text yet: once per image, then one copy per sentence
+        x_v = clip.visual.embed(images)[image_index]  # [c^0; F_IC^0]: (B, 1 + N_C, D_IC) -> (N, 1 + N_C, D_IC)
         x_t = clip.embed_text(tokens)  # F_T^0: (N, L, D_T)
         n_text_prompts = 0 if self.v2l is None else self.v2l[0].queries.shape[0]
         # causal among text tokens, all see the prompts, EOT pooling unchanged
@@ -474,7 +475,7 @@ class PromptRIS(nn.Module):
         prompts = self.config.prompts if prompts is None else tuple(prompts)
         self._check_inputs(clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts)
         tokens, text_valid, eot = prepare_text(tokens)
-        x_v, x_t = self.cmp(self.clip, clip_images[image_index], tokens, text_valid)  # §3.2, per sentence
+        x_v, x_t = self.cmp(self.clip, clip_images, image_index, tokens, text_valid)  # §3.2, per sentence
         f_ic = self.clip.visual.ln_post(x_v[:, 1:]) @ self.clip.visual.proj  # F_IC: (N, N_C, D)
         f_t = self.clip.ln_final(x_t) @ self.clip.text_projection  # F_T: (N, L, D)
         coarse = self.decoder(f_ic, f_t, text_valid, eot)  # S'_C: (N, N_C)

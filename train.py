@@ -699,4 +699,7 @@ def _truncate_log(path: str, step: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, data.UnsafePickleError) as e:  # bad inputs: the message names the file
+        sys.exit(f"train.py: error: {e}")

@@ -134,7 +134,7 @@ def test_cmp_none_features_equal_plain_clip():
     images, tokens = torch.randn(3, 3, 224, 224), make_tokens([2, 9, 4])
     cut, valid, eot = prepare_text(tokens)
     with torch.no_grad():
-        x_v, x_t = model.cmp(model.clip, images, cut, valid)
+        x_v, x_t = model.cmp(model.clip, images, torch.arange(3), cut, valid)
         image = model.clip.visual.ln_post(x_v[:, 0]) @ model.clip.visual.proj
         text = model.clip.ln_final(x_t[torch.arange(3), eot]) @ model.clip.text_projection
         torch.testing.assert_close(image, model.clip.encode_image(images))
@@ -148,8 +148,8 @@ def test_cutting_tokens_after_the_longest_sentence_is_exact():
     cut, valid, eot = prepare_text(tokens)
     assert cut.shape == (3, 11)
     with torch.no_grad():
-        v_cut, t_cut = model.cmp(model.clip, images, cut, valid)
-        v_full, t_full = model.cmp(model.clip, images, tokens, torch.arange(77) <= eot[:, None])
+        v_cut, t_cut = model.cmp(model.clip, images, torch.arange(3), cut, valid)
+        v_full, t_full = model.cmp(model.clip, images, torch.arange(3), tokens, torch.arange(77) <= eot[:, None])
     torch.testing.assert_close(v_cut, v_full)
     torch.testing.assert_close(t_cut[valid], t_full[:, :11][valid])
 
@@ -158,14 +158,14 @@ def test_cmp_prompts_change_clip_features():
     """Both directions act: V2L changes the text features, L2V the image features."""
     batch = tiny_batch()
     cut, valid, _ = prepare_text(batch["tokens"][:2])
-    images = batch["clip_images"][:1].expand(2, -1, -1, -1)
+    images, image_index = batch["clip_images"][:1], torch.zeros(2, dtype=torch.long)  # one image, 2 sentences
     baseline = tiny_model(cmp="none")
     with torch.no_grad():
-        base_v, base_t = baseline.cmp(baseline.clip, images, cut, valid)
+        base_v, base_t = baseline.cmp(baseline.clip, images, image_index, cut, valid)
         for mode, text_changes, image_changes in (("v2l", True, False), ("l2v", False, True), ("both", True, True)):
             model = tiny_model(cmp=mode)  # same seed: same CLIP weights as the baseline
             assert torch.equal(model.clip.visual.proj, baseline.clip.visual.proj)
-            v, t = model.cmp(model.clip, images, cut, valid)
+            v, t = model.cmp(model.clip, images, image_index, cut, valid)
             assert (not torch.allclose(t, base_t)) == text_changes, mode
             assert (not torch.allclose(v, base_v)) == image_changes, mode
 
