@@ -123,6 +123,8 @@ def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _polygons_to_mask(parts: Sequence, height: int, width: int) -> np.ndarray:
     """Union of polygon parts (COCO `[[x0, y0, x1, y1, ...], ...]`) -> (H, W) uint8."""
+    if not parts:
+        raise ValueError("empty polygon list (no parts)")
     toggles = np.zeros(height * width + 1, np.int64)
     union = np.zeros(height * width, bool)
     for i, part in enumerate(parts):
@@ -257,7 +259,7 @@ _IMAGE_DIR_CANDIDATES = (
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A refs pickle asked for a class or function: refused, nothing from it was run."""
 
 
@@ -336,10 +338,11 @@ def _parse_ref(record, path: str, index: int) -> dict:
     _check_fields(record, _REF_FIELDS, where)
     sentences = []
     for j, s in enumerate(record["sentences"]):
-        text = s.get("sent", s.get("raw")) if isinstance(s, dict) else None
-        if not isinstance(text, str) or not text.strip():
+        texts = (s.get("sent"), s.get("raw")) if isinstance(s, dict) else ()
+        text = next((t.strip() for t in texts if isinstance(t, str) and t.strip()), None)
+        if text is None:
             raise ValueError(f"{where}: sentence {j} needs a non-empty string 'sent' or 'raw'")
-        sentences.append(text.strip())
+        sentences.append(text)
     if not sentences:
         raise ValueError(f"{where}: no sentences")
     return {k: record[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "split")} | {
@@ -392,6 +395,11 @@ def _find_image_dir(data_root: str, dataset: str) -> str:
     candidates = [os.path.join(data_root, *parts) for parts in _IMAGE_DIR_CANDIDATES]
     candidates.append(os.path.join(data_root, dataset, "images"))
     return next((c for c in candidates if os.path.isdir(c)), candidates[0])
+
+
+def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
+    """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
+    return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
 
 
 def _read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
@@ -463,18 +471,23 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
     return RefData(dataset, split_by, refs, anns, images, categories)
 
 
-def combine_for_training(datas: Sequence[RefData], split: str = "train") -> RefData:
+def combine_for_training(datas: Sequence[RefData], split: str = "train",
+                         held_out_from: Sequence[RefData] = ()) -> RefData:
     """The training set of §4.2: `split` refs of all datasets, minus every image that appears in
-    any other split (val/test) of any of them, so no evaluation image is ever trained on.
+    any other split (val/test) of any of them or of `held_out_from` (e.g. the G-Ref google
+    partition, whose val the paper also reports), so no evaluation image is ever trained on.
 
     RefCOCO, RefCOCO+ and G-Ref share COCO ids, so instances (ann_id) and images (image_id)
     coincide across datasets: sentences for the same object from different datasets become
-    extra positives for instance contrastive learning (§3.3).
+    extra positives for instance contrastive learning (§3.3). A ref given twice (G-Ref's umd and
+    google partitions hold the same refs) is kept once.
     """
-    held_out = {r["image_id"] for d in datas for r in d.refs if r["split"] != split}
-    refs, anns, images, categories = [], {}, {}, {}
+    held_out = {r["image_id"] for d in (*datas, *held_out_from) for r in d.refs if r["split"] != split}
+    refs, anns, images, categories, seen = [], {}, {}, {}, set()
     for d in datas:
-        kept = [r for r in d.refs if r["split"] == split and r["image_id"] not in held_out]
+        kept = [r for r in d.refs if r["split"] == split and r["image_id"] not in held_out
+                and (d.dataset, r["ref_id"]) not in seen]
+        seen.update((d.dataset, r["ref_id"]) for r in kept)
         refs += kept
         anns.update({r["ann_id"]: d.anns[r["ann_id"]] for r in kept})
         images.update({r["image_id"]: d.images[r["image_id"]] for r in kept})
@@ -673,9 +686,9 @@ class RefTrainSet(_ImageSet):
                  clip_size: int = 480, sam_size: int = 1024, sentences_per_image: int = 4,
                  seed: int = 0, split: str = "train", word_drop: float = 0.2,
                  unseen_categories: Optional[Collection[int]] = None, context_length: int = 77,
-                 max_skips: int = 16):
+                 max_skips: int = 16, held_out_from: Sequence[RefData] = ()):
         datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
-        combined = combine_for_training(datas, split)
+        combined = combine_for_training(datas, split, held_out_from)
         refs = combined.refs
         if unseen_categories is not None:  # open-vocabulary training (Table 2): seen only
             refs = split_seen_unseen(refs, unseen_categories)["seen"]

@@ -410,7 +410,7 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     clip_image, sam_image, valid = preprocess_image(image, config.clip_image_size, config.sam.image_size)
     return {
         "clip_images": clip_image[None], "sam_images": sam_image[None],  # (1, 3, Hc, Hc), (1, 3, S, S)
-        "tokens": tokenizer(texts), "image_index": torch.zeros(len(texts), dtype=torch.long),
+        "tokens": tokenizer(texts, config.clip.context_length), "image_index": torch.zeros(len(texts), dtype=torch.long),
         "input_sizes": torch.tensor([valid]), "original_sizes": torch.tensor([[image.height, image.width]]),
     }
 
@@ -484,7 +484,8 @@ def build_loader(args, run_config: dict, tokenizer: Tokenizer, config: PromptRIS
         if not refs:
             raise ValueError(f"{dataset} ({split_by}) {split} has no refs of {args.subset} categories")
     eval_set = RefEvalSet(data, split, tokenizer, clip_size=config.clip_image_size,
-                          sam_size=config.sam.image_size, category_ids=category_ids)
+                          sam_size=config.sam.image_size, category_ids=category_ids,
+                          context_length=config.clip.context_length)
     if args.max_images:
         eval_set = torch.utils.data.Subset(eval_set, range(min(args.max_images, len(eval_set))))
     name = f"{dataset} {split} ({split_by})" + ("" if args.subset == "all" else f" {args.subset}")
@@ -570,5 +571,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad inputs: the message names the file
         sys.exit(f"eval.py: error: {e}")

@@ -198,6 +198,7 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0, sample: bool
     Forward: the exact one-hot of argmax(logits + g), g ~ Gumbel(0, 1) (no noise when sample=False, i.e.
     inference). Backward: the gradient of softmax((logits + g) / tau) (straight-through estimator).
     """
+    logits = logits.float()  # under bf16 autocast, ties at the maximum would bias the argmax
     if sample:
         logits = logits - torch.empty_like(logits).exponential_().log()  # g = -log(Exp(1)) ~ Gumbel(0, 1)
     soft = torch.softmax(logits / tau, dim=-1)
@@ -449,7 +450,7 @@ class PromptRIS(nn.Module):
         """Mask, point and text prompts (§3.1) -> (sparse (N, 1 + L, C), sparse_mask (N, 1 + L),
         dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (N, C, h, w)."""
         pe = self.sam.prompt_encoder
-        coarse_up = F.interpolate(coarse[:, None], size=pe.mask_input_size, mode="bilinear",
+        coarse_up = F.interpolate(coarse.float()[:, None], size=pe.mask_input_size, mode="bilinear",
                                   align_corners=False)  # S_C: (N, 1, 4h, 4w)
         p_mask = pe.mask_downscaling(coarse_up)  # P_mask: (N, C, h, w)
         dense = torch.where(keep[:, 0, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
@@ -563,16 +564,17 @@ def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_i
     Returns "clip_seg" (coarse mask vs the masks area-averaged onto the CLIP grid), "icl_clip", and with
     a "mask" output (stage 2) "sam_seg", "icl_sam"; the ICL terms only with config.icl; "loss" is the sum.
     """
-    coarse = outputs["coarse"].float()  # losses in float32 also under autocast
-    coarse_target = F.interpolate(masks[:, None].float(), size=coarse.shape[-2:], mode="area")[:, 0]
-    terms = {"clip_seg": seg_loss(coarse, coarse_target)}  # L_clip.seg
-    if config.icl:
-        terms["icl_clip"] = icl_loss(coarse, coarse_target, instance_ids, image_index)
-    if "mask" in outputs:
-        mask = outputs["mask"].float()
-        terms["sam_seg"] = seg_loss(mask, masks.float())  # L_sam.seg
+    with torch.autocast(masks.device.type, enabled=False):  # float32 also under autocast: O_ii must be exactly 1
+        coarse = outputs["coarse"].float()
+        coarse_target = F.interpolate(masks[:, None].float(), size=coarse.shape[-2:], mode="area")[:, 0]
+        terms = {"clip_seg": seg_loss(coarse, coarse_target)}  # L_clip.seg
         if config.icl:
-            terms["icl_sam"] = icl_loss(mask, masks.float(), instance_ids, image_index)
+            terms["icl_clip"] = icl_loss(coarse, coarse_target, instance_ids, image_index)
+        if "mask" in outputs:
+            mask = outputs["mask"].float()
+            terms["sam_seg"] = seg_loss(mask, masks.float())  # L_sam.seg
+            if config.icl:
+                terms["icl_sam"] = icl_loss(mask, masks.float(), instance_ids, image_index)
     # Eq. (9): L = L_clip.seg + L_sam.seg + L_icl (L_icl on both the final and the coarse masks)
     terms["loss"] = sum(terms.values())
     return terms

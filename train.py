@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -295,8 +296,14 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
             data.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
         barrier()  # other ranks wait for the data
     loaded = {spec: data.load_refs(tc.data_root, *spec) for spec in dict.fromkeys(specs + [val_spec])}
+    # §4.2: no evaluation image is trained on, those of the validation set and of G-Ref's other partition
+    # included (umd and google split the same refs differently; the paper reports both)
+    other_gref = [("refcocog", other) for name, split_by in specs if name == "refcocog"
+                  for other in ("umd", "google") if other != split_by and data.has_refs(tc.data_root, "refcocog", other)]
+    held_out = [loaded[val_spec]] + [data.load_refs(tc.data_root, *spec) for spec in other_gref]
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
-                                 sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed)
+                                 sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
+                                 held_out_from=held_out)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size)
     return train_set, val_set
@@ -478,7 +485,8 @@ def main(argv=None) -> dict:
         device_name = f"cuda:{local_rank}"
     device = torch.device(device_name)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # long timeout: the other ranks wait in a collective while rank 0 runs a full validation pass
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
         if device.type == "cuda":
             torch.cuda.set_device(device)
     master = rank == 0
@@ -530,12 +538,13 @@ def main(argv=None) -> dict:
         "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
                                        "prompter train")
     if master:
-        with open(os.path.join(tc.out, "config.json"), "w") as f:
-            json.dump({"model": raw_model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}, f, indent=1)
+        run_config = {"model": raw_model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
+        atomic_write(os.path.join(tc.out, "config.json"), lambda f: f.write(json.dumps(run_config, indent=1).encode()))
 
     # -- data: image items, DistributedSampler over them, the global batch split across ranks --
     train_set, val_set = build_data(tc, tokenizer, master)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
+    # drop_last: no padding with repeated images, so the ranks' batches together are one process's batches
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images give no full batch of {tc.images_per_batch}")
@@ -587,7 +596,8 @@ def main(argv=None) -> dict:
     # -- wrappers for speed and for several processes; checkpoints keep raw_model --
     model = torch.compile(raw_model) if tc.compile else raw_model
     if ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True,
+                    broadcast_buffers=False)  # the buffers (E table, SAM constants) never change: no 64 MiB per step
 
     def save_checkpoint() -> None:
         """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
@@ -638,8 +648,10 @@ def main(argv=None) -> dict:
                                          f"stopped before the update, last good checkpoint kept at {ckpt_path} "
                                          f"(step {last_saved})")
             terms["loss"].backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if not torch.isfinite(grad_norm):  # DDP averaged the gradients: every rank stops here together
+                raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopped before the "
+                                         f"update, last good checkpoint kept at {ckpt_path} (step {last_saved})")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -701,5 +713,5 @@ def _truncate_log(path: str, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError, data.UnsafePickleError) as e:  # bad inputs: the message names the file
+    except (OSError, ValueError) as e:  # bad inputs: the message names the file
         sys.exit(f"train.py: error: {e}")

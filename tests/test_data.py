@@ -132,6 +132,7 @@ def test_decode_compressed_rle_equals_pycocotools():
     ({"counts": [4], "size": [3, 2]}, "differs from the image size"),
     ({"counts": "0\x7f", "size": [2, 2]}, "invalid character"),
     ([[0.0, "a", 1.0]], "polygon part 0"),
+    ([], "empty polygon list"),
     ("not a mask", "segmentation must be"),
 ])
 def test_decode_mask_rejects_malformed_input(segmentation, message):
@@ -296,6 +297,24 @@ def test_combined_training_set_drops_every_eval_image(tmp_path):
     b = data.load_refs(str(tmp_path / "b"), "refcocog", "umd")
     assert {r["image_id"] for r in data.combine_for_training([a]).refs} == {9}
     assert data.combine_for_training([a, b]).refs == []
+    # a partition that is only held out (G-Ref google next to umd) removes its eval images too
+    assert data.combine_for_training([a], held_out_from=[b]).refs == []
+
+
+def test_the_same_refs_given_twice_are_kept_once(tmp_path):
+    """G-Ref's umd and google partitions hold the same refs: combined, each sentence counts once."""
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="google")
+    umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
+    assert [r["ref_id"] for r in data.combine_for_training([umd, google]).refs] == [0, 1]
+
+
+def test_empty_sent_falls_back_to_raw(tmp_path):
+    refs, instances = tiny_records()
+    refs[0]["sentences"][0]["sent"] = ""
+    write_tree(str(tmp_path), refs, instances)
+    assert data.load_refs(str(tmp_path), "refcoco", "unc").refs[0]["sentences"][0] == "MAN LEFT"
 
 
 def test_seen_unseen_split_uses_ovr_cnn_unseen_ids():

@@ -424,3 +424,15 @@ def test_total_loss_terms_per_stage_and_icl_switch():
     assert set(terms) == {"clip_seg", "icl_clip", "sam_seg", "icl_sam", "loss"}
     torch.testing.assert_close(terms["loss"], sum(v for k, v in terms.items() if k != "loss"))
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    """ICL's O_ii is exactly 1 only in float32: total_loss is immune to the caller's autocast."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 32, 32) * 4, (torch.rand(4, 32, 32) > 0.5).float()
+    outputs = {"coarse": logits[:, :8, :8], "mask": logits}
+    ids, index = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 0, 1])
+    plain = total_loss(outputs, target, ids, index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = total_loss(outputs, target, ids, index)
+    assert all(cast[k].dtype == torch.float32 and torch.equal(cast[k], plain[k]) for k in plain)
