@@ -318,21 +318,26 @@ class CrossModalPrompting(nn.Module):
                 text_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), image_index (N,), tokens (N, L), text_valid (N, L) ->
         last-layer vision tokens x_v (N, 1 + N_C, D_IC) and text tokens x_t (N, L, D_T)."""
-        # the patch embedding does not depend on the text yet: once per image, then one copy per sentence
-        x_v = clip.visual.embed(images)[image_index]  # [c^0; F_IC^0]: (B, 1 + N_C, D_IC) -> (N, 1 + N_C, D_IC)
+        # Image tokens depend on the sentence only through L2V prompts: without them ("v2l", "none") the
+        # vision tower runs once per image; with them the patch embedding still does, then a copy per sentence.
+        per_image = self.l2v is None
+        x_v = clip.visual.embed(images)  # [c^0; F_IC^0]: (B, 1 + N_C, D_IC)
+        x_v = x_v if per_image else x_v[image_index]  # -> (N, 1 + N_C, D_IC) with L2V
         x_t = clip.embed_text(tokens)  # F_T^0: (N, L, D_T)
         n_text_prompts = 0 if self.v2l is None else self.v2l[0].queries.shape[0]
         # causal among text tokens, all see the prompts, EOT pooling unchanged
         text_mask = text_attention_mask(tokens.shape[1], n_text_prompts, device=tokens.device)
         layers = zip(clip.visual.transformer.resblocks, clip.transformer.resblocks)
         for i, (vision_layer, text_layer) in enumerate(layers):
-            to_text = None if self.v2l is None else self.v2l[i](x_v[:, 1:])  # reads F_IC^i (no CLS): (N, n, D_T)
+            to_text = None if self.v2l is None else self.v2l[i](x_v[:, 1:])  # reads F_IC^i (no CLS): (., n, D_T)
+            if to_text is not None and per_image:
+                to_text = to_text[image_index]  # (B, n, D_T) -> (N, n, D_T)
             to_vision = None if self.l2v is None else self.l2v[i](x_t, text_valid)  # padding masked: (N, n, D_IC)
             # Eq. (5): T_V2L^i = CrossAttn(T_V^i, F_IC^i); [_; F_T^{i+1}] = E_T^{i+1}([T_V2L^i; F_T^i])
             x_t = run_with_prompts(text_layer, x_t, to_text, text_mask, self.recompute)
             # Eq. (6): T_L2V^i = CrossAttn(T_L^i, F_T^i); [_; c^{i+1}; F_IC^{i+1}] = E_I^{i+1}([T_L2V^i; c^i; F_IC^i])
             x_v = run_with_prompts(vision_layer, x_v, to_vision, recompute=self.recompute)
-        return x_v, x_t
+        return (x_v[image_index] if per_image else x_v), x_t
 
     @property
     def recompute(self) -> bool:

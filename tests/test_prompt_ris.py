@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from clip_vit import CLIPConfig
-from prompt_ris import (PROMPT_TYPES, CrossModalPrompting, LossConfig, PromptGenerator, PromptRIS, PromptRISConfig,
+from prompt_ris import (CMP_MODES, PROMPT_TYPES, CrossModalPrompting, LossConfig, PromptGenerator, PromptRIS, PromptRISConfig,
                         dice_coefficient, icl_loss, prepare_text, seg_loss, straight_through_gumbel, total_loss)
 from sam import SAM, SAMConfig
 
@@ -436,3 +436,16 @@ def test_losses_are_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = total_loss(outputs, target, ids, index)
     assert all(cast[k].dtype == torch.float32 and torch.equal(cast[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("mode", CMP_MODES)
+def test_shared_images_give_the_same_features_as_one_copy_per_sentence(mode):
+    """Whether CLIP's vision tower runs per image ("v2l", "none") or per sentence, features are the same."""
+    model, batch = tiny_model(cmp=mode).eval(), tiny_batch()
+    cut, valid, _ = prepare_text(batch["tokens"])
+    index = batch["image_index"]
+    with torch.no_grad():
+        shared = model.cmp(model.clip, batch["clip_images"], index, cut, valid)
+        copied = model.cmp(model.clip, batch["clip_images"][index], torch.arange(len(index)), cut, valid)
+    for a, b in zip(shared, copied):
+        torch.testing.assert_close(a, b)
