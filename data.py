@@ -556,16 +556,18 @@ def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
     return pixels, (h, w)
 
 
-def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024
-                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024, with_sam: bool = True
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
     """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
 
     Returns:
         clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
-        SAM-normalized, both 0 in the padding, and the valid (h', w') at sam_size.
+        SAM-normalized (None without with_sam), both 0 in the padding, and the valid (h', w') at sam_size.
     """
     clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
                                           [255 * s for s in CLIP_STD])
+    if not with_sam:  # e.g. training stage 1 (no SAM): skip the 1024 x 1024 resize
+        return clip_image, None, resize_longest_side_shape(image.height, image.width, sam_size)
     sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
     return clip_image, sam_image, valid
 
@@ -622,6 +624,7 @@ class _ImageSet(torch.utils.data.Dataset):
         self.clip_size = clip_size
         self.sam_size = sam_size
         self.context_length = context_length
+        self.with_sam_images = True  # False: items carry no SAM input (training stage 1 does not use it)
         by_image: dict[int, list] = {}
         for r in refs:
             by_image.setdefault(r["image_id"], []).extend((r, s) for s in r["sentences"])
@@ -641,7 +644,7 @@ class _ImageSet(torch.utils.data.Dataset):
         if image.size != (info["width"], info["height"]):  # masks would not line up
             raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
                              f"says {info['width']}x{info['height']} (image id {info['id']})")
-        clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size)
+        clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size, self.with_sam_images)
         masks = {a: self.data.mask(a) for a in dict.fromkeys(r["ann_id"] for r, _ in picks)}
         framed = {a: mask_to_frame(m, valid, self.sam_size) for a, m in masks.items()}
         refs = [r for r, _ in picks]
@@ -768,7 +771,8 @@ def collate(items: Sequence[dict]) -> dict:
     counts = torch.tensor([len(it["sentences"]) for it in items])
     batch = {
         "clip_images": torch.stack([it["clip_image"] for it in items]),  # (B, 3, Hc, Hc)
-        "sam_images": torch.stack([it["sam_image"] for it in items]),  # (B, 3, S, S)
+        "sam_images": (torch.stack([it["sam_image"] for it in items])  # (B, 3, S, S)
+                       if all(it["sam_image"] is not None for it in items) else None),
         "tokens": torch.cat([it["tokens"] for it in items]),  # (N, 77)
         "image_index": torch.repeat_interleave(torch.arange(len(items)), counts),  # (N,)
         "instance_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),

@@ -621,6 +621,7 @@ def main(argv=None) -> dict:
     while step < max_steps:
         batches = epoch_batches(sampler, epoch, per_rank)[batch_in_epoch:]  # skip what was consumed
         train_set.set_epoch(epoch)
+        train_set.with_sam_images = stage_of(epoch) == 2  # stage 1 never looks at SAM's 1024 x 1024 input
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=tc.num_workers,
                             pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG

@@ -411,6 +411,17 @@ def test_clip_and_sam_frames_share_the_letterbox_geometry(synth):
     assert (small - clip_rgb)[:, 2:vh - 2, 2:vw - 2].abs().mean() < 10
 
 
+def test_items_without_sam_input_keep_everything_else(synth):
+    """Training stage 1 skips SAM's input image; the CLIP input and the ground truth are unchanged."""
+    ds = train_set(synth)
+    full = data.collate([ds[0], ds[1]])
+    ds.with_sam_images = False
+    light = data.collate([ds[0], ds[1]])
+    assert full["sam_images"] is not None and light["sam_images"] is None
+    for key in ("clip_images", "tokens", "masks", "input_sizes", "instance_ids"):
+        assert torch.equal(full[key], light[key]), key
+
+
 def test_letterbox_pads_bottom_right_with_zero():
     from PIL import Image
     pixels, (h, w) = data.letterbox(Image.new("RGB", (50, 20), (200, 100, 50)), 100)
