@@ -113,6 +113,8 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention of queries (B, Lq, dim) over keys and values (B, Lk, dim) -> (B, Lq, out_dim).
 
     key_mask (B, Lk) bool, True = real token: padded text tokens are never attended to.
+    kv_index (B,): keys and values hold one row per *image* (B_img, Lk, dim) and query row n reads row
+    kv_index[n], so an image's keys and values are projected once, not once per sentence.
     """
 
     def __init__(self, dim: int, heads: int, out_dim: Optional[int] = None):
@@ -126,8 +128,10 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(dim, out_dim or dim)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, kv_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = (self.split(proj(t)) for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]  # (B_img, heads, Lk, d) -> (B, heads, Lk, d)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, Lk) -> (B, 1, 1, Lk)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Lq, d)
         return self.out_proj(x.transpose(1, 2).flatten(2))  # (B, heads, Lq, d) -> (B, Lq, dim) -> out_dim
@@ -219,12 +223,13 @@ class TextPromptBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = feed_forward(dim, mlp_dim)
 
-    def forward(self, x: torch.Tensor, text_valid: torch.Tensor, image: torch.Tensor,
-                image_pe: torch.Tensor) -> torch.Tensor:
-        """x (N, L, C), text_valid (N, L), image (N, hw, C), image_pe (1, hw, C) -> (N, L, C)."""
+    def forward(self, x: torch.Tensor, text_valid: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor,
+                image_index: torch.Tensor) -> torch.Tensor:
+        """x (N, L, C), text_valid (N, L), image (B, hw, C) one per image, image_pe (1, hw, C),
+        image_index (N,) -> (N, L, C)."""
         h = self.norm_self(x)
         x = x + self.self_attn(h, h, h, text_valid)
-        x = x + self.cross_attn(self.norm_cross(x), image + image_pe, image)
+        x = x + self.cross_attn(self.norm_cross(x), image + image_pe, image, kv_index=image_index)
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -238,14 +243,15 @@ class TextPrompter(nn.Module):
         self.blocks = nn.ModuleList(TextPromptBlock(prompt_dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(prompt_dim)
 
-    def forward(self, f_t: torch.Tensor, text_valid: torch.Tensor, image: torch.Tensor,
-                image_pe: torch.Tensor) -> torch.Tensor:
-        """f_t (N, L, D), text_valid (N, L), image F_IS (N, C, h, w), image_pe (1, C, h, w) -> (N, L, C)."""
+    def forward(self, f_t: torch.Tensor, text_valid: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor,
+                image_index: torch.Tensor) -> torch.Tensor:
+        """f_t (N, L, D), text_valid (N, L), image F_IS (B, C, h, w) one per image, image_pe (1, C, h, w),
+        image_index (N,) -> (N, L, C)."""
         x = self.proj(f_t)  # (N, L, D) -> (N, L, C)
-        image = image.flatten(2).transpose(1, 2)  # (N, C, h, w) -> (N, hw, C)
+        image = image.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, hw, C)
         image_pe = image_pe.flatten(2).transpose(1, 2)  # (1, C, h, w) -> (1, hw, C)
         for block in self.blocks:
-            x = block(x, text_valid, image, image_pe)
+            x = block(x, text_valid, image, image_pe, image_index)
         return self.norm(x)
 
 
@@ -451,16 +457,17 @@ class PromptRIS(nn.Module):
         return keep | (revived & ~keep.any(dim=1, keepdim=True))
 
     def sam_prompts(self, coarse: torch.Tensor, f_t: torch.Tensor, text_valid: torch.Tensor,
-                    image: torch.Tensor, keep: torch.Tensor):
+                    image: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor):
         """Mask, point and text prompts (§3.1) -> (sparse (N, 1 + L, C), sparse_mask (N, 1 + L),
-        dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (N, C, h, w)."""
+        dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (B, C, h, w) one per
+        image, image_index (N,)."""
         pe = self.sam.prompt_encoder
         coarse_up = F.interpolate(coarse.float()[:, None], size=pe.mask_input_size, mode="bilinear",
                                   align_corners=False)  # S_C: (N, 1, 4h, 4w)
         p_mask = pe.mask_downscaling(coarse_up)  # P_mask: (N, C, h, w)
         dense = torch.where(keep[:, 0, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
         p_point, point = self.point_prompt(coarse_up)  # P_point: (N, 1, C)
-        p_text = self.text_prompter(f_t, text_valid, image, pe.get_dense_pe())  # P_text: (N, L, C)
+        p_text = self.text_prompter(f_t, text_valid, image, pe.get_dense_pe(), image_index)  # P_text: (N, L, C)
         sparse = torch.cat([p_point, p_text], dim=1)  # [P_point; P_text]: (N, 1 + L, C)
         sparse_mask = torch.cat([keep[:, 1:2], text_valid & keep[:, 2:3]], dim=1)  # (N, 1 + L)
         return sparse, sparse_mask, dense, point
@@ -490,9 +497,10 @@ class PromptRIS(nn.Module):
             return out
         if sam_embeddings is None:
             sam_embeddings = self.encode_sam_image(sam_images)
-        image = sam_embeddings[image_index]  # F_IS per sentence: (N, C, h, w)
         keep = self.prompt_keep(tokens.shape[0], prompts, tokens.device)
-        sparse, sparse_mask, dense, point = self.sam_prompts(out["coarse"], f_t, text_valid, image, keep)
+        sparse, sparse_mask, dense, point = self.sam_prompts(out["coarse"], f_t, text_valid, sam_embeddings,
+                                                             image_index, keep)
+        image = sam_embeddings[image_index]  # F_IS per sentence, as P_mask is added to it: (N, C, h, w)
         return {**out, "mask": sam_decode(self.sam, image, sparse, sparse_mask, dense), "point": point}  # S: (N, S, S)
 
     def _check_inputs(self, clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts):

@@ -257,7 +257,8 @@ def random_prompt_inputs(model, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     text_valid = torch.arange(6) <= torch.tensor([5, 2, 3, 4])[:, None]
     return dict(coarse=torch.randn(n, 14, 14, generator=g), f_t=torch.randn(n, 6, 64, generator=g),
-                text_valid=text_valid, image=torch.randn(n, 32, 16, 16, generator=g))
+                text_valid=text_valid, image=torch.randn(2, 32, 16, 16, generator=g),
+                image_index=torch.tensor([0, 0, 1, 1])[:n])
 
 
 @pytest.mark.parametrize("subset", [s for k in range(4) for s in itertools.combinations(PROMPT_TYPES, k)])
