@@ -283,7 +283,7 @@ def point_xy(model: PromptRIS, index: int, input_size, original_size) -> tuple[f
     """The point prompt of Eq. (3), a flat index into the 4h x 4w map, as (x, y) in original pixels.
 
     Cell (r, c) is the point at ((c + 0.5) S / 4w, (r + 0.5) S / 4h) of the padded S x S frame
-    (PromptRIS.point_fourier_table); the letterbox scaled the image by input_size / original_size.
+    (PromptRIS.point_pe_table); the letterbox scaled the image by input_size / original_size.
     """
     grid_h, grid_w = model.sam.prompt_encoder.mask_input_size
     frame = model.config.sam.image_size

@@ -2,8 +2,9 @@
 
 Read next to the paper: every equation is computed in one place marked `# Eq. (N)`, and the sections
 below follow the paper (§3.1 structure, §3.2 Cross-Modal Prompting, the assembled model, §3.3 losses).
-CLIP (clip_vit.py) and SAM (sam.py) are used through their public layers only and stay frozen; what
-this file adds is what trains.
+CLIP (clip_vit.py) and SAM (sam.py) are used through their public layers only. In the paper they stay
+frozen and what this file adds is what trains; the demo, which starts from random towers (no official
+weights), trains them too (train.py --train-towers, PromptRIS.freeze_backbones).
 
 Paper symbol -> code name (N sentences, B images; sentence n shows image `image_index[n]`):
     F_IC^i, c^i        vision tokens between CLIP layers       `x_v` (N, 1 + N_C, D_IC)  CLS first
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_vit import CLIP, CLIPConfig, text_attention_mask
-from sam import SAM, SAMConfig
+from sam import SAM, SAMConfig, full_precision
 
 CMP_MODES = ("both", "v2l", "l2v", "none")  # Table 4: CMP, V2LP, L2VP, baseline
 PROMPT_TYPES = ("mask", "point", "text")  # Table 5
@@ -90,7 +91,8 @@ class PromptRISConfig:
 
     @classmethod
     def tiny(cls) -> "PromptRISConfig":
-        """Same code, small numbers: CPU tests and the demo (CLIP 224 -> 14x14 grid, SAM 256 -> 16x16)."""
+        """Same code, small numbers, for CPU: the tests run it at these sizes (CLIP 224 -> 14x14 grid, SAM 256 ->
+        16x16); the demo (`python train.py`) at CLIP 128 -> 8x8 and SAM 192 -> 12x12."""
         return cls(clip=CLIPConfig.tiny(), sam=SAMConfig.tiny(), clip_image_size=224, n_prompts=4,
                    decoder_heads=2)
 
@@ -189,8 +191,9 @@ class CoarseMaskDecoder(nn.Module):
         f_ic_new = self.image_norm(self.image_from_text(f_ic, f_t, text_valid))  # F'_IC: (N, N_C, D)
         f_t_new = self.text_norm(self.text_from_image(f_t, f_ic))  # F'_T: (N, L, D)
         t_g = f_t_new[torch.arange(f_t.shape[0], device=f_t.device), eot]  # [EOS] feature t_g: (N, D)
-        # Eq. (2): S'_C = F'_IC . t_g
-        return torch.einsum("nkd,nd->nk", f_ic_new, t_g) / math.sqrt(f_ic.shape[-1]) + self.bias
+        # Eq. (2): S'_C = F'_IC . t_g, in float32 also under autocast: its argmax becomes SAM's point
+        with full_precision(f_ic.device):
+            return torch.einsum("nkd,nd->nk", f_ic_new.float(), t_g.float()) / math.sqrt(f_ic.shape[-1]) + self.bias
 
 
 # ---- §3.1 CLIP-based prompting: point prompt (Gumbel-softmax) and text prompts ----
@@ -324,26 +327,27 @@ class CrossModalPrompting(nn.Module):
                 text_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), image_index (N,), tokens (N, L), text_valid (N, L) ->
         last-layer vision tokens x_v (N, 1 + N_C, D_IC) and text tokens x_t (N, L, D_T)."""
-        # Image tokens depend on the sentence only through L2V prompts: without them ("v2l", "none") the
-        # vision tower runs once per image; with them the patch embedding still does, then a copy per sentence.
-        per_image = self.l2v is None
+        # Vision tokens depend on the sentence only through L2V prompts. Without L2V ("v2l", "none") x_v keeps
+        # one row per image (B, ...) through the whole tower and `sentence_rows` = image_index picks each
+        # sentence's row; with L2V each sentence gets its own copy (N, ...) after the patch embedding and
+        # `sentence_rows` selects everything. Either way x_v[sentence_rows] is (N, ...).
         x_v = clip.visual.embed(images)  # [c^0; F_IC^0]: (B, 1 + N_C, D_IC)
-        x_v = x_v if per_image else x_v[image_index]  # -> (N, 1 + N_C, D_IC) with L2V
+        if self.l2v is not None:
+            x_v = x_v[image_index]  # one copy per sentence: (N, 1 + N_C, D_IC)
+        sentence_rows = image_index if self.l2v is None else slice(None)
         x_t = clip.embed_text(tokens)  # F_T^0: (N, L, D_T)
         n_text_prompts = 0 if self.v2l is None else self.v2l[0].queries.shape[0]
         # causal among text tokens, all see the prompts, EOT pooling unchanged
         text_mask = text_attention_mask(tokens.shape[1], n_text_prompts, device=tokens.device)
         layers = zip(clip.visual.transformer.resblocks, clip.transformer.resblocks)
         for i, (vision_layer, text_layer) in enumerate(layers):
-            to_text = None if self.v2l is None else self.v2l[i](x_v[:, 1:])  # reads F_IC^i (no CLS): (., n, D_T)
-            if to_text is not None and per_image:
-                to_text = to_text[image_index]  # (B, n, D_T) -> (N, n, D_T)
+            to_text = None if self.v2l is None else self.v2l[i](x_v[:, 1:])[sentence_rows]  # F_IC^i, no CLS: (N, n, D_T)
             to_vision = None if self.l2v is None else self.l2v[i](x_t, text_valid)  # padding masked: (N, n, D_IC)
             # Eq. (5): T_V2L^i = CrossAttn(T_V^i, F_IC^i); [_; F_T^{i+1}] = E_T^{i+1}([T_V2L^i; F_T^i])
             x_t = run_with_prompts(text_layer, x_t, to_text, text_mask, self.recompute)
             # Eq. (6): T_L2V^i = CrossAttn(T_L^i, F_T^i); [_; c^{i+1}; F_IC^{i+1}] = E_I^{i+1}([T_L2V^i; c^i; F_IC^i])
             x_v = run_with_prompts(vision_layer, x_v, to_vision, recompute=self.recompute)
-        return (x_v[image_index] if per_image else x_v), x_t
+        return x_v[sentence_rows], x_t
 
     @property
     def recompute(self) -> bool:
@@ -355,11 +359,6 @@ class CrossModalPrompting(nn.Module):
 
 def is_frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
-
-
-def _refresh_point_table(model: "PromptRIS", incompatible_keys) -> None:
-    """load_state_dict post-hook: the cached table E was computed from SAM's old Gaussian matrix."""
-    model.point_pe_table = model.point_fourier_table().to(model.point_pe_table)
 
 
 def prepare_text(tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,9 +390,9 @@ class PromptRIS(nn.Module):
         self.text_prompter = TextPrompter(config.clip.embed_dim, s.prompt_dim, s.decoder_heads, s.decoder_mlp_dim,
                                           config.text_prompt_layers)
         # E of Eq. (3) without the label embedding: SAM's Fourier features of every cell of the 4h x 4w map.
-        # A function of SAM's fixed Gaussian matrix only, so computed once (and again after loading weights).
-        self.register_buffer("point_pe_table", self.point_fourier_table(), persistent=False)
-        self.register_load_state_dict_post_hook(_refresh_point_table)
+        # A function of SAM's fixed Gaussian matrix only: SAM's positional encoding keeps it as a buffer and
+        # recomputes it whenever that matrix is loaded (through this model, model.sam or its prompt encoder).
+        self.sam.prompt_encoder.pe_layer.cache_grid(self.sam.prompt_encoder.mask_input_size)
         self.freeze_backbones()
 
     # -- what trains --
@@ -426,22 +425,23 @@ class PromptRIS(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not is_frozen(self.sam.image_encoder)):
             return self.sam.image_encoder(sam_images)
 
-    def point_fourier_table(self) -> torch.Tensor:
-        """SAM's point encoding of the centre of every cell of the 4h x 4w grid -> (16hw, C), row-major.
+    @property
+    def point_pe_table(self) -> torch.Tensor:
+        """SAM's point encoding of the centre of every cell of the 4h x 4w grid -> (16hw, C) float32, row-major.
 
         The centre of cell (r, c) is ((c + 0.5) / 4w, (r + 0.5) / 4h) in normalized (x, y): SAM's own encoding
         of the point at input-frame pixel ((c + 0.5) S / 4w - 0.5, (r + 0.5) S / 4h - 0.5), whose +0.5
-        pixel-centre shift lands it on the cell centre. SAM's pe_layer(size) evaluates exactly these."""
+        pixel-centre shift lands it on the cell centre."""
         pe = self.sam.prompt_encoder
-        with torch.no_grad():
-            return pe.pe_layer(pe.mask_input_size).flatten(1).t().contiguous()  # (C, 4h, 4w) -> (16hw, C)
+        return pe.pe_layer.cached_table(pe.mask_input_size)
 
     def point_prompt(self, coarse_up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """S_C (N, 1, 4h, 4w) logits -> P_point = e_p (N, 1, C) and the chosen flat index (N,)."""
         # Eq. (3): M = Gumbel-SoftMax(S_C); e_p = sum_i M_i E_i, E = Fourier table + foreground label embedding.
         # M sums to one, so the label embedding is added once; it stays a live parameter (trainable SAM).
         m = straight_through_gumbel(coarse_up.flatten(1), self.config.gumbel_tau, sample=self.training)  # (N, 16hw)
-        e_p = m @ self.point_pe_table + self.sam.prompt_encoder.point_embeddings[1].weight  # (N, C)
+        with full_precision(m.device):  # float32: E is SAM's exact encoding, m exactly one-hot
+            e_p = m @ self.point_pe_table + self.sam.prompt_encoder.point_embeddings[1].weight.float()  # (N, C)
         return e_p[:, None], m.argmax(dim=-1)
 
     def prompt_keep(self, n: int, prompts: Sequence[str], device) -> torch.Tensor:
@@ -462,14 +462,15 @@ class PromptRIS(nn.Module):
         dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (B, C, h, w) one per
         image, image_index (N,)."""
         pe = self.sam.prompt_encoder
+        keep_mask, keep_point, keep_text = keep.unbind(dim=1)  # (N,) each, in PROMPT_TYPES order
         coarse_up = F.interpolate(coarse.float()[:, None], size=pe.mask_input_size, mode="bilinear",
                                   align_corners=False)  # S_C: (N, 1, 4h, 4w)
         p_mask = pe.mask_downscaling(coarse_up)  # P_mask: (N, C, h, w)
-        dense = torch.where(keep[:, 0, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
+        dense = torch.where(keep_mask[:, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
         p_point, point = self.point_prompt(coarse_up)  # P_point: (N, 1, C)
         p_text = self.text_prompter(f_t, text_valid, image, pe.get_dense_pe(), image_index)  # P_text: (N, L, C)
         sparse = torch.cat([p_point, p_text], dim=1)  # [P_point; P_text]: (N, 1 + L, C)
-        sparse_mask = torch.cat([keep[:, 1:2], text_valid & keep[:, 2:3]], dim=1)  # (N, 1 + L)
+        sparse_mask = torch.cat([keep_point[:, None], text_valid & keep_text[:, None]], dim=1)  # (N, 1 + L)
         return sparse, sparse_mask, dense, point
 
     # -- the whole model --
@@ -563,11 +564,12 @@ def icl_loss(logits: torch.Tensor, target: torch.Tensor, instance_ids: torch.Ten
     overlap = overlap.clamp(eps, 1 - eps)
     same_instance = (instance_ids[:, None] == instance_ids[None, :]).to(overlap.dtype)  # Y: (N, N)
     w = mask_iou(logits.detach(), target)  # w_i: (N,), no gradient, so a wrong mask cannot mislead
-    _, group, b = torch.unique(image_index, return_inverse=True, return_counts=True)  # b per image
-    pair_weight = (image_index[:, None] == image_index[None, :]) / b[group].pow(2)[:, None]  # 1/b^2 in-image
+    _, group, sentences_per_image = torch.unique(image_index, return_inverse=True, return_counts=True)  # (B,)
+    same_image = image_index[:, None] == image_index[None, :]  # only pairs within one image count: (N, N)
+    pair_weight = same_image / sentences_per_image[group].pow(2)[:, None]  # 1/b^2, b of row i's image: (N, N)
     # Eq. (8): L_icl = 1/b^2 sum_ij -w_i (Y_ij log O_ij + (1 - Y_ij) log(1 - O_ij))
     bce = -(same_instance * overlap.log() + (1 - same_instance) * (1 - overlap).log())  # (N, N)
-    return (w[:, None] * bce * pair_weight).sum() / b.numel()
+    return (w[:, None] * bce * pair_weight).sum() / sentences_per_image.numel()  # mean over the B images
 
 
 def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_ids: torch.Tensor,
@@ -577,7 +579,7 @@ def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_i
     Returns "clip_seg" (coarse mask vs the masks area-averaged onto the CLIP grid), "icl_clip", and with
     a "mask" output (stage 2) "sam_seg", "icl_sam"; the ICL terms only with config.icl; "loss" is the sum.
     """
-    with torch.autocast(masks.device.type, enabled=False):  # float32 also under autocast: O_ii must be exactly 1
+    with full_precision(masks.device):  # float32 also under autocast: O_ii must be exactly 1
         coarse = outputs["coarse"].float()
         coarse_target = F.interpolate(masks[:, None].float(), size=coarse.shape[-2:], mode="area")[:, 0]
         terms = {"clip_seg": seg_loss(coarse, coarse_target)}  # L_clip.seg

@@ -14,9 +14,10 @@ Differences from `segment_anything` (outputs equal to float32 round-off, see tes
   coordinates and the embeddings (Prompt-RIS back-propagates through the mask and point prompts);
 - no `@torch.no_grad()` on any forward: freezing is the caller's decision.
 """
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -238,34 +239,74 @@ class ImageEncoderViT(nn.Module):
 
 # ---- prompt encoder ----
 
+def full_precision(device: torch.device):
+    """A region where autocast is off, so the math stays float32 (shape-only `meta` tensors have no autocast)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 class PositionEmbeddingRandom(nn.Module):
     """Random Fourier features of 2-D positions: (x, y) in [0, 1] -> [sin(2 pi p G), cos(2 pi p G)],
-    p = 2 (x, y) - 1, with a fixed Gaussian matrix G (2, C/2)."""
+    p = 2 (x, y) - 1, with a fixed Gaussian matrix G (2, C/2).
 
-    def __init__(self, num_pos_feats: int):
+    Always float32, also under autocast: arguments reach about +-30 rad, where bf16 would be off by up to
+    0.14 on values in [-1, 1], which is not what the frozen SAM was trained with. The encodings of the grids
+    in `cached_grids` (the image embedding's, for the dense PE) are computed once, kept as buffers (so they
+    follow the module to its device), and recomputed whenever G is loaded, however the state dict arrives.
+    """
+
+    def __init__(self, num_pos_feats: int, cached_grids: Sequence[Tuple[int, int]] = ()):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
+        self.cached_grids: Tuple[Tuple[int, int], ...] = ()
+        for size in cached_grids:
+            self.cache_grid(size)
+        self.register_load_state_dict_post_hook(PositionEmbeddingRandom._refresh_grid_tables)
+
+    def cache_grid(self, size: Tuple[int, int]) -> None:
+        """Keep the encoding of the (h, w) grid as a buffer from now on (Prompt-RIS's point table E)."""
+        size = tuple(size)
+        if size not in self.cached_grids:
+            self.register_buffer(f"grid_table_{len(self.cached_grids)}", self.grid_table(size), persistent=False)
+            self.cached_grids += (size,)
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """(..., 2) positions in [0, 1] as (x, y) -> (..., C)."""
-        coords = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        """(..., 2) positions in [0, 1] as (x, y) -> (..., C), float32."""
+        gaussian = self.positional_encoding_gaussian_matrix.float()
+        with full_precision(coords.device):
+            coords = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
+            return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """(..., 2) pixel positions (x, y) in an (H, W) = `image_size` frame -> (..., C)."""
-        gaussian = self.positional_encoding_gaussian_matrix
-        scale = torch.tensor([image_size[1], image_size[0]], device=gaussian.device, dtype=gaussian.dtype)
-        return self.encode(coords.to(gaussian.dtype) / scale)
+        scale = torch.tensor([image_size[1], image_size[0]], device=coords.device, dtype=torch.float32)
+        return self.encode(coords.float() / scale)
+
+    def grid_table(self, size: Tuple[int, int]) -> torch.Tensor:
+        """Encoding of every cell centre of an (h, w) grid, row-major -> (h * w, C)."""
+        h, w = size
+        device = self.positional_encoding_gaussian_matrix.device
+        y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)  # (h, w, 2) as (x, y)
+        with torch.no_grad():
+            return self.encode(grid.flatten(0, 1))
+
+    def cached_table(self, size: Tuple[int, int]) -> torch.Tensor:
+        """grid_table(size), read from the buffer when `size` is one of the cached grids."""
+        size = tuple(size)
+        if size in self.cached_grids:
+            return getattr(self, f"grid_table_{self.cached_grids.index(size)}")
+        return self.grid_table(size)
 
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
-        """Encoding of every cell centre of an (h, w) grid -> (C, h, w)."""
-        h, w = size
-        like = dict(device=self.positional_encoding_gaussian_matrix.device,
-                    dtype=self.positional_encoding_gaussian_matrix.dtype)
-        y = (torch.arange(h, **like) + 0.5) / h
-        x = (torch.arange(w, **like) + 0.5) / w
-        grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)  # (h, w, 2) as (x, y)
-        return self.encode(grid).permute(2, 0, 1)
+        """Encoding of every cell centre of an (h, w) grid -> (C, h, w) (a view of the cached table)."""
+        return self.cached_table(size).t().unflatten(1, tuple(size))
+
+    @staticmethod
+    def _refresh_grid_tables(module: "PositionEmbeddingRandom", incompatible_keys) -> None:
+        """load_state_dict post-hook (also when a parent module is loaded): the tables follow the new G."""
+        for i, size in enumerate(module.cached_grids):
+            setattr(module, f"grid_table_{i}", module.grid_table(size))
 
 
 class PromptEncoder(nn.Module):
@@ -278,7 +319,7 @@ class PromptEncoder(nn.Module):
         self.image_embedding_size = image_embedding_size
         self.input_image_size = input_image_size
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
-        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2, cached_grids=(image_embedding_size,))
         # 0: negative point, 1: positive point, 2: box top-left corner, 3: box bottom-right corner
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)

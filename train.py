@@ -7,9 +7,10 @@
     python train.py --resume --out runs/paper         # continue a killed run, bitwise exactly (CPU)
     python train.py --help                            # every knob, its paper value and section
 
-Order of this file: the knobs (TrainConfig, presets, command line), helpers the loop calls (model,
-data, checkpoints, randomness), then `main`: setup -> model -> data -> optimizer -> resume ->
-training loop -> final evaluation. The paper's schedule (§4.2): AdamW, lr 1e-4 with polynomial
+Order of this file: the knobs (TrainConfig, presets, command line), then `main` on one screen in the
+paper's order (setup -> model -> data -> optimizer -> resume -> training loop -> final evaluation), then
+the named steps it calls: inputs, model and data, SAM embeddings, checkpoints and randomness, processes
+and devices, the schedule and one training step, logs. The paper's schedule (§4.2): AdamW, lr 1e-4 with polynomial
 decay (power 0.9), 50 epochs of 16 images x 4 sentences; the first 20 epochs train CLIP + CMP + ICL
 on the coarse mask only, the last 30 the whole model end to end. CLIP and SAM stay frozen.
 
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import data
+import synth
 from clip_vit import Tokenizer
 from eval import evaluate
 from load_weights import load_clip, load_sam
@@ -199,6 +201,91 @@ def _read_json(path: str, why: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The training run, in the paper's order; every step below is a named function further down
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    """Train as the flags say; returns {"metrics": final val metrics, "untrained": metrics before training
+    (fresh runs), "step", "wall_s", "peak_memory_mb", "out"}."""
+    started = time.time()
+    tc = parse_args(argv)
+    check_inputs(tc)
+    procs = setup_processes(tc)  # one process per GPU under torchrun, else one
+    amp_dtype = autocast_dtype(tc, procs.device)
+    ckpt = load_checkpoint(os.path.join(tc.out, "ckpt.pt")) if tc.resume else None  # validated before any work
+    log = RunLog(tc.out, procs.master, fresh=not tc.resume)
+
+    # -- model (§3): what Prompt-RIS adds trains; CLIP and SAM stay frozen (§4.2) --
+    seed_everything(tc.seed)  # the same initial weights on every rank
+    raw_model, train_towers = build_model(tc)
+    raw_model.to(procs.device).train()
+    raw_model.cmp.grad_checkpoint = tc.grad_checkpoint  # recompute CLIP blocks in backward
+    tokenizer = Tokenizer(tc.vocab)
+    log.run_header(tc, raw_model, train_towers, procs, amp_dtype)
+
+    # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
+    train_set, val_set = build_data(tc, tokenizer, procs.master)
+    sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
+                                 drop_last=True)  # no padding with repeated images
+    schedule = Schedule.of(tc, len(sampler), procs.world)
+    periodic_val = val_set if not tc.val_images else Subset(val_set, range(min(tc.val_images, len(val_set))))
+
+    # -- optimizer (§4.2): AdamW over what trains; the LR is a function of the step (nothing to save) --
+    params = raw_model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
+                                  fused=procs.device.type in ("cpu", "cuda"))       # faster than per tensor
+    sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype)
+
+    # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
+    if ckpt is not None:
+        state = restore(ckpt, raw_model, optimizer, procs, tc.out)
+        log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
+            f"{schedule.steps_per_epoch})")
+    else:
+        state = TrainState()
+        if procs.master:
+            state.untrained = validate(raw_model, val_set, schedule.final_stage, tc, procs, amp_dtype)
+            log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
+                f"oIoU {state.untrained['oIoU']:.2f}")
+        torch.manual_seed(tc.seed + procs.rank)  # each rank its own Gumbel noise and prompt dropout
+    model = wrap_model(raw_model, tc, procs)  # compile and DDP; checkpoints keep raw_model
+    del ckpt
+
+    # -- the loop (§4.2): stage 1 trains the coarse mask (CLIP + CMP + ICL), stage 2 the whole model --
+    log(schedule.describe())
+    pbar = tqdm(total=schedule.max_steps, initial=state.step, disable=not procs.master, dynamic_ncols=True,
+                desc="train")
+    while state.step < schedule.max_steps:
+        for batch in epoch_loader(train_set, sampler, state, schedule, tc, procs):
+            t_step, stage = time.time(), schedule.stage(state.epoch)
+            lr = set_lr(optimizer, schedule.lr(state.step))
+            values = train_step(model, raw_model, batch, optimizer, params, stage, tc, procs, amp_dtype,
+                                sam_cache, train_towers, state)
+            state.advance(schedule.steps_per_epoch)
+            log.step(pbar, state, values, lr, stage, time.time() - t_step, tc, schedule)
+            if state.step % tc.save_every == 0:
+                save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
+            if tc.eval_every and state.step % tc.eval_every == 0 and procs.master:
+                metrics = validate(raw_model, periodic_val, stage, tc, procs, amp_dtype)
+                log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
+                    f"oIoU {metrics['oIoU']:.2f}")
+                log.json({"step": state.step, "val": metrics})
+            if state.step >= schedule.max_steps:
+                break
+    pbar.close()
+    if state.last_saved != state.step:
+        save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
+
+    # -- final evaluation on the whole validation split, and the files eval.py reads --
+    result = {"step": state.step, "untrained": state.untrained, "out": tc.out}
+    if procs.master:
+        result |= final_evaluation(raw_model, val_set, schedule, state, tc, procs, amp_dtype, log, started)
+    shutdown(procs)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Inputs: every missing path is reported before any work, with where to get it
 # ---------------------------------------------------------------------------------------------
 
@@ -293,7 +380,9 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
     if all(name == "synth" for name, _ in specs + [val_spec]):
         if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
-            data.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
+            tqdm.write(f"writing the built-in referring dataset (synth.py; also `python data.py synth`) to "
+                       f"{tc.data_root}")
+            synth.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
         barrier()  # other ranks wait for the data
     loaded = {spec: data.load_refs(tc.data_root, *spec) for spec in dict.fromkeys(specs + [val_spec])}
     # §4.2: no evaluation image is trained on, those of the validation set and of G-Ref's other partition
@@ -340,6 +429,15 @@ def sam_weights_hash(model: PromptRIS, amp_dtype) -> str:
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype) -> str | None:
+    """--cache-sam DIR/<hash of SAM's encoder weights>: only a frozen SAM's embeddings can be cached."""
+    if not tc.cache_sam or train_towers:
+        return None
+    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype))
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None) -> torch.Tensor:
@@ -414,6 +512,44 @@ def rng_untouched():
         set_rng_state(state)
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, procs: Processes,
+                    tc: TrainConfig) -> None:
+    """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
+    states = [None] * procs.world
+    if procs.ddp:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if procs.master:
+        atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
+            "untrained": state.untrained, "model_config": model.config.to_dict(), "train_config": asdict(tc)}, f))
+    state.last_saved = state.step
+
+
+def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str) -> TrainState:
+    """Weights, optimizer, position and this rank's RNG state from a checkpoint of the same model and world."""
+    path = os.path.join(out, "ckpt.pt")
+    if ckpt["model_config"] != model.config.to_dict():
+        differ = sorted(k for k, v in model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
+        raise CheckpointError(f"{path}: saved for a different model (config keys {differ} differ from the flags)")
+    if len(ckpt["rng"]) != procs.world:
+        raise CheckpointError(f"{path}: written by {len(ckpt['rng'])} processes, resumed with {procs.world}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][procs.rank])
+    if procs.master:  # log lines after the checkpoint belong to the lost part of the run
+        _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
+    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"])
+
+
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
 
 
@@ -440,13 +576,78 @@ def save_run_model(model: PromptRIS, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+# Processes and devices (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(tc: TrainConfig) -> Processes:
+    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process."""
+    under_torchrun = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if under_torchrun:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
+    if under_torchrun and name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if under_torchrun:
+        # long timeout: the other ranks wait in a collective while rank 0 runs a full validation pass
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    if tc.images_per_batch % world:
+        raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # AdamW's second moments of rarely used rows decay into slow denormals
+    return Processes(rank, local_rank, world, device)
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device):
+    """bfloat16 on CUDA (or when asked), else None = float32 without autocast."""
+    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda") else None
+
+
+def autocast(device: torch.device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def wrap_model(raw_model: PromptRIS, tc: TrainConfig, procs: Processes):
+    """torch.compile and DDP around the model; the unwrapped raw_model is what checkpoints hold."""
+    model = torch.compile(raw_model) if tc.compile else raw_model
+    if procs.ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
+        model = DDP(model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
+                    find_unused_parameters=True,
+                    broadcast_buffers=False)  # the buffers (E table, SAM constants) never change: no 64 MiB per step
+    return model
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown(procs: Processes) -> None:
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -456,6 +657,49 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# ---------------------------------------------------------------------------------------------
+# The schedule (§4.2) and one training step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    """Two stages and a polynomial LR decay over all epochs (§4.2), counted in global steps."""
+    steps_per_epoch: int
+    total_steps: int
+    max_steps: int
+    stage1_epochs: int
+    use_sam: bool
+    per_rank: int
+    tc: TrainConfig
+
+    @classmethod
+    def of(cls, tc: TrainConfig, sampler_len: int, world: int) -> "Schedule":
+        per_rank = tc.images_per_batch // world
+        steps_per_epoch = sampler_len // per_rank
+        if steps_per_epoch == 0:
+            raise ValueError(f"{sampler_len * world} training images give no full batch of {tc.images_per_batch}")
+        total = tc.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam,
+                   per_rank, tc)
+
+    def stage(self, epoch: int) -> int:
+        """1: CLIP + CMP + ICL on the coarse mask; 2: the whole model end to end."""
+        return 1 if epoch < self.stage1_epochs or not self.use_sam else 2
+
+    @property
+    def final_stage(self) -> int:
+        return self.stage(self.tc.epochs - 1)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.tc)
+
+    def describe(self) -> str:
+        stop = f", stopping at {self.max_steps}" if self.max_steps < self.total_steps else ""
+        return (f"{self.steps_per_epoch} steps per epoch x {self.tc.epochs} epochs = {self.total_steps} steps{stop}; "
+                f"stage 2 (end to end) from epoch {self.stage1_epochs}")
+
+
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     """§4.2 polynomial decay lr * (1 - step / total) ** 0.9, after an optional linear warm-up."""
     if step < tc.warmup_steps:
@@ -463,243 +707,153 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.lr * (1 - step / total) ** tc.lr_power
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class TrainState:
+    """Where the run is: what a checkpoint stores besides weights, optimizer and RNG states."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    untrained: dict | None = None  # val metrics before training (fresh runs)
+    last_saved: int = 0
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def epoch_loader(train_set, sampler: DistributedSampler, state: TrainState, schedule: Schedule, tc: TrainConfig,
+                 procs: Processes) -> DataLoader:
+    """The rest of the current epoch's batches for this rank (a resumed run skips what was consumed)."""
+    batches = epoch_batches(sampler, state.epoch, schedule.per_rank)[state.batch_in_epoch:]
+    train_set.set_epoch(state.epoch)
+    train_set.with_sam_images = schedule.stage(state.epoch) == 2  # stage 1 never looks at SAM's 1024 px input
+    return DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=tc.num_workers,
+                      pin_memory=procs.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
+
+
+def train_step(model, raw_model: PromptRIS, batch: dict, optimizer, params, stage: int, tc: TrainConfig,
+               procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool, state: TrainState) -> dict:
+    """Forward, Eq. (9), backward and one AdamW update; returns the loss terms averaged over the ranks.
+    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays)."""
+    with autocast(procs.device, amp_dtype):
+        features = None
+        if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
+            with torch.no_grad():
+                features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
+        terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features)
+    values = mean_over_ranks(terms, procs)  # every rank sees the same values, so a NaN stops all at once
+    bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
+    kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"
+    if bad:
+        raise FloatingPointError(f"step {state.step + 1}: loss term '{bad[0]}' is {values[bad[0]]}; stopped before "
+                                 f"the update, {kept}")
+    terms["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):  # DDP averaged the gradients: every rank stops here together
+        raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopped before the "
+                                 f"update, {kept}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values
+
+
+def mean_over_ranks(terms: dict, procs: Processes) -> dict:
+    """{name: float} of the loss terms, averaged over the DDP ranks in one all_reduce."""
+    values = torch.stack([v.detach().float() for v in terms.values()])
+    if procs.ddp:
+        dist.all_reduce(values)  # sum (gloo has no average)
+        values /= procs.world
+    return dict(zip(terms, values.tolist()))
+
+
+def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:
+    """Rank 0 evaluates the unwrapped model: the coarse mask in stage 1, SAM's mask in stage 2. The
+    training's random streams are left exactly where they were."""
+    output = "mask" if stage == 2 else "coarse"
+    loader = DataLoader(dataset, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
+                        num_workers=tc.num_workers)
+    with rng_untouched():
+        return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype)
+
+
+def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
+                     procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
+    """model.safetensors, the whole validation split, metrics.json (rank 0)."""
+    save_run_model(model, os.path.join(tc.out, "model.safetensors"))
+    metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
+    result = {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(procs.device)}
+    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+        json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
+    untrained = state.untrained["mIoU"] if state.untrained else float("nan")
+    log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
+        f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+    log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
+        f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
-# The training run
+# Logs: train.log (what the terminal shows), log.jsonl (one record per log step), rank 0 only
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    """Train as the flags say; returns {"metrics": final val metrics, "untrained": metrics before training
-    (fresh runs), "step", "wall_s", "peak_memory_mb", "out"}."""
-    started = time.time()
-    tc = parse_args(argv)
-    check_inputs(tc)
+class RunLog:
+    def __init__(self, out: str, master: bool, fresh: bool):
+        self.out, self.master = out, master
+        self.started = self.t_log = time.time()
+        self.images_since_log = 0
+        os.makedirs(out, exist_ok=True)
+        if master and fresh:  # a fresh run in an old directory starts fresh logs
+            for name in ("train.log", "log.jsonl", "metrics.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
 
-    # -- processes and device: one per GPU under torchrun, else a single process --
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device_name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-    if ddp and device_name == "cuda":
-        device_name = f"cuda:{local_rank}"
-    device = torch.device(device_name)
-    if ddp:
-        # long timeout: the other ranks wait in a collective while rank 0 runs a full validation pass
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    master = rank == 0
-    if tc.images_per_batch % world:
-        raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
-    per_rank = tc.images_per_batch // world
-    amp_dtype = torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda") else None
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # AdamW's second moments of rarely used rows decay into slow denormals
-
-    os.makedirs(tc.out, exist_ok=True)
-    ckpt_path = os.path.join(tc.out, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if tc.resume else None  # read (and validated) before any other work
-    if master and not tc.resume:  # a fresh run in an old directory starts fresh logs
-        for name in ("train.log", "log.jsonl", "metrics.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(tc.out, name))
-
-    def log(message: str) -> None:
-        if master:
+    def __call__(self, message: str) -> None:
+        if self.master:
             tqdm.write(message)
-            with open(os.path.join(tc.out, "train.log"), "a") as f:
+            with open(os.path.join(self.out, "train.log"), "a") as f:
                 f.write(message + "\n")
 
-    def log_json(record: dict) -> None:
-        if master:
-            with open(os.path.join(tc.out, "log.jsonl"), "a") as f:
+    def json(self, record: dict) -> None:
+        if self.master:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # -- model --
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    raw_model, train_towers = build_model(tc)
-    if ckpt is not None and ckpt["model_config"] != raw_model.config.to_dict():
-        differ = sorted(k for k, v in raw_model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
-        raise CheckpointError(f"{ckpt_path}: saved for a different model (config keys {differ} differ from the flags)")
-    raw_model.to(device).train()
-    raw_model.cmp.grad_checkpoint = tc.grad_checkpoint  # recompute CLIP blocks in backward
-    tokenizer = Tokenizer(tc.vocab)
-    params = raw_model.trainable_parameters()
-    log(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {device} x {world}"
-        f" ({'autocast ' + str(amp_dtype) if amp_dtype else 'float32'})")
-    log(f"trainable parameters: {sum(p.numel() for p in params):,} of {raw_model.count_parameters(False):,}")
-    log("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
-        "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
-                                       "prompter train")
-    if master:
-        run_config = {"model": raw_model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
-        atomic_write(os.path.join(tc.out, "config.json"), lambda f: f.write(json.dumps(run_config, indent=1).encode()))
+    def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
+        """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""
+        self(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {procs.device} x "
+             f"{procs.world} ({'autocast ' + str(amp_dtype) if amp_dtype else 'float32'})")
+        self(f"trainable parameters: {model.count_parameters():,} of {model.count_parameters(False):,}")
+        self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
+             "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
+                                            "prompter train")
+        if self.master:
+            run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
+            atomic_write(os.path.join(self.out, "config.json"),
+                         lambda f: f.write(json.dumps(run_config, indent=1).encode()))
 
-    # -- data: image items, DistributedSampler over them, the global batch split across ranks --
-    train_set, val_set = build_data(tc, tokenizer, master)
-    # drop_last: no padding with repeated images, so the ranks' batches together are one process's batches
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // per_rank
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images give no full batch of {tc.images_per_batch}")
-    total_steps = tc.epochs * steps_per_epoch
-    max_steps = min(tc.max_steps or total_steps, total_steps)
-    periodic_val = val_set if not tc.val_images else Subset(val_set, range(min(tc.val_images, len(val_set))))
-
-    def val_loader(dataset):
-        return DataLoader(dataset, batch_size=per_rank, collate_fn=data.collate, num_workers=tc.num_workers)
-
-    def validate(stage: int, dataset) -> dict:
-        """Rank 0 evaluates the unwrapped model: the coarse mask in stage 1, SAM's mask in stage 2."""
-        output = "mask" if stage == 2 else "coarse"
-        with rng_untouched():
-            return {"output": output} | evaluate(raw_model, val_loader(dataset), device=device, output=output,
-                                                 amp_dtype=amp_dtype)
-
-    def stage_of(epoch: int) -> int:
-        return 1 if epoch < tc.stage1_epochs or not tc.use_sam else 2
-
-    # -- optimizer: AdamW over what trains; the LR is a function of the step (nothing else to save) --
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
-                                  fused=device.type in ("cpu", "cuda"))           # faster than per tensor
-    sam_cache = None
-    if tc.cache_sam and not train_towers:
-        sam_cache = os.path.join(tc.cache_sam, sam_weights_hash(raw_model, amp_dtype))
-        os.makedirs(sam_cache, exist_ok=True)
-
-    # -- resume: weights, optimizer, position in the data, and every random state --
-    step, epoch, batch_in_epoch, untrained = 0, 0, 0, None
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_in_epoch, untrained = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"]
-        if len(ckpt["rng"]) != world:
-            raise CheckpointError(f"{ckpt_path}: written by {len(ckpt['rng'])} processes, resumed with {world}")
-        set_rng_state(ckpt["rng"][rank])
-        if master:  # log lines after the checkpoint belong to the lost part of the run
-            _truncate_log(os.path.join(tc.out, "log.jsonl"), step)
-        log(f"resumed at step {step} (epoch {epoch}, batch {batch_in_epoch} of {steps_per_epoch})")
-        del ckpt
-    else:
-        if master:
-            untrained = validate(stage_of(tc.epochs - 1), val_set)
-            log(f"untrained model: val {untrained['output']} mIoU {untrained['mIoU']:.2f} "
-                f"oIoU {untrained['oIoU']:.2f}")
-        torch.manual_seed(tc.seed + rank)  # each rank its own Gumbel noise and prompt dropout
-
-    # -- wrappers for speed and for several processes; checkpoints keep raw_model --
-    model = torch.compile(raw_model) if tc.compile else raw_model
-    if ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True,
-                    broadcast_buffers=False)  # the buffers (E table, SAM constants) never change: no 64 MiB per step
-
-    def save_checkpoint() -> None:
-        """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
-        states = [None] * world
-        if ddp:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if master:
-            atomic_write(ckpt_path, lambda f: torch.save({
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": states, "untrained": untrained,
-                "model_config": raw_model.config.to_dict(), "train_config": asdict(tc)}, f))
-
-    # -- the training loop --
-    log(f"{steps_per_epoch} steps per epoch x {tc.epochs} epochs = {total_steps} steps"
-        f"{f', stopping at {max_steps}' if max_steps < total_steps else ''}; stage 2 (end to end) from epoch "
-        f"{tc.stage1_epochs}")
-    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    last_saved, t_log, images_since_log = step, time.time(), 0
-    while step < max_steps:
-        batches = epoch_batches(sampler, epoch, per_rank)[batch_in_epoch:]  # skip what was consumed
-        train_set.set_epoch(epoch)
-        train_set.with_sam_images = stage_of(epoch) == 2  # stage 1 never looks at SAM's 1024 x 1024 input
-        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=tc.num_workers,
-                            pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
-        for batch in loader:
-            t_step = time.time()
-            stage = stage_of(epoch)
-            lr = lr_at(step, total_steps, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                features = None
-                if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
-                    with torch.no_grad():
-                        features = sam_embeddings(raw_model, batch, device, sam_cache)
-                terms = forward_losses(model, batch, device, use_sam=stage == 2, sam_features=features)
-            # every rank sees the same averaged terms, so a NaN anywhere stops all of them at once
-            values = torch.stack([v.detach().float() for v in terms.values()])
-            if ddp:
-                dist.all_reduce(values)  # sum (gloo has no average)
-                values /= world
-            values = dict(zip(terms, values.tolist()))
-            bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
-            if bad:
-                raise FloatingPointError(f"step {step + 1}: loss term '{bad[0]}' is {values[bad[0]]}; "
-                                         f"stopped before the update, last good checkpoint kept at {ckpt_path} "
-                                         f"(step {last_saved})")
-            terms["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            if not torch.isfinite(grad_norm):  # DDP averaged the gradients: every rank stops here together
-                raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopped before the "
-                                         f"update, last good checkpoint kept at {ckpt_path} (step {last_saved})")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            batch_in_epoch += 1
-            if batch_in_epoch == steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            images_since_log += tc.images_per_batch
-
-            if master:
-                pbar.update(1)
-                pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
-                    "lr": f"{lr:.2e}", "stage": stage, "img/s": f"{tc.images_per_batch / (time.time() - t_step):.0f}"})
-            if step % tc.log_every == 0 or step == max_steps:
-                elapsed = time.time() - t_log
-                log_json({"step": step, "epoch": epoch, "stage": stage, "lr": lr, **values,
-                          "images_per_s": images_since_log / elapsed, "elapsed_s": time.time() - started})
-                t_log, images_since_log = time.time(), 0
-            if step % tc.save_every == 0:
-                save_checkpoint()
-                last_saved = step
-            if tc.eval_every and step % tc.eval_every == 0 and master:
-                metrics = validate(stage, periodic_val)
-                log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} oIoU {metrics['oIoU']:.2f}")
-                log_json({"step": step, "val": metrics})
-            if step >= max_steps:
-                break
-    pbar.close()
-    if last_saved != step:
-        save_checkpoint()
-
-    # -- final evaluation and the files eval.py reads --
-    result = {"step": step, "untrained": untrained, "out": tc.out}
-    if master:
-        save_run_model(raw_model, os.path.join(tc.out, "model.safetensors"))
-        metrics = validate(stage_of(tc.epochs - 1), val_set)
-        result |= {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(device)}
-        with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-            json.dump(metrics | {"step": step, "untrained": untrained}, f, indent=1)
-        log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained "
-            f"{untrained['mIoU'] if untrained else float('nan'):.2f}) oIoU {metrics['oIoU']:.2f} "
-            + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
-        log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-            f"({'GPU allocated' if device.type == 'cuda' else 'max RSS'})")
-    barrier()
-    if ddp:
-        dist.destroy_process_group()
-    return result
+    def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, tc: TrainConfig,
+             schedule: Schedule) -> None:
+        """The progress bar every step, a log.jsonl record every --log-every steps."""
+        self.images_since_log += tc.images_per_batch
+        if self.master:
+            pbar.update(1)
+            pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
+                "lr": f"{lr:.2e}", "stage": stage, "img/s": f"{tc.images_per_batch / step_s:.0f}"})
+        if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
+            now = time.time()
+            self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
+                       "images_per_s": self.images_since_log / (now - self.t_log), "elapsed_s": now - self.started})
+            self.t_log, self.images_since_log = now, 0
 
 
 def _truncate_log(path: str, step: int) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import synth as synthetic
 from clip_vit import Tokenizer
 from sam import resize_longest_side_shape
 
@@ -33,7 +34,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    return data.make_synth(str(tmp_path_factory.mktemp("synth")), seed=3, n_train=12, n_val=4,
+    return synthetic.make_synth(str(tmp_path_factory.mktemp("synth")), seed=3, n_train=12, n_val=4,
                            n_testA=3, n_testB=3)
 
 
@@ -523,7 +524,7 @@ def test_synth_is_byte_identical_for_a_seed(tmp_path):
                 for d, _, fs in os.walk(root) for f in fs}
     for name in ("a", "b"):
         data.main(["synth", "--out", str(tmp_path / name), "--seed", "1", "--images", "10"])
-    data.make_synth(str(tmp_path / "c"), seed=2, n_train=10, n_val=1, n_testA=1, n_testB=1)
+    synthetic.make_synth(str(tmp_path / "c"), seed=2, n_train=10, n_val=1, n_testA=1, n_testB=1)
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert files(tmp_path / "a") != files(tmp_path / "c")
 
@@ -531,8 +532,8 @@ def test_synth_is_byte_identical_for_a_seed(tmp_path):
 def test_synth_expressions_name_exactly_one_object():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        objects = data._place_objects(rng, 200, 180)
-        found = data._synth_expressions(objects, 200, 180)
+        objects = synthetic._place_objects(rng, 200, 180)
+        found = synthetic._synth_expressions(objects, 200, 180)
         texts = [t for per_object in found for t, _ in per_object]
         assert len(texts) == len(set(texts))  # no expression is given to two objects
         for o, per_object in zip(objects, found):

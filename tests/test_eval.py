@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import data
+import synth
 import eval as ris_eval
 from prompt_ris import PromptRIS, PromptRISConfig
 from sam import resize_longest_side_shape
@@ -110,7 +111,7 @@ def test_point_index_maps_to_original_pixel_coordinates():
 def run_dir(tmp_path_factory):
     """A built-in synth dataset with 3 val images and a random tiny PromptRIS saved as train.py does."""
     root = tmp_path_factory.mktemp("eval")
-    data_root = data.make_synth(str(root / "data"), seed=0, n_train=1, n_val=3, n_testA=1, n_testB=1)
+    data_root = synth.make_synth(str(root / "data"), seed=0, n_train=1, n_val=3, n_testA=1, n_testB=1)
     torch.manual_seed(0)
     config = PromptRISConfig.tiny()
     model = PromptRIS(config)

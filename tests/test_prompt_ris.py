@@ -242,12 +242,19 @@ def test_point_prompt_selects_the_table_row_of_the_argmax_at_inference():
     torch.testing.assert_close(e_p[:, 0], expected)
 
 
-def test_point_table_is_recomputed_after_loading_weights():
+@pytest.mark.parametrize("through", ["model", "model.sam", "model.sam.prompt_encoder"])
+def test_point_table_and_dense_pe_follow_sams_weights_however_they_are_loaded(through):
     source, target = tiny_model(seed=0), tiny_model(seed=1)
     assert not torch.allclose(source.point_pe_table, target.point_pe_table)
-    assert "point_pe_table" not in source.state_dict()
-    target.load_state_dict(source.state_dict())
-    torch.testing.assert_close(target.point_pe_table, source.point_pe_table)
+    assert not any("grid_table" in k for k in source.state_dict())  # derived, never saved
+    module = {"model": lambda m: m, "model.sam": lambda m: m.sam,
+              "model.sam.prompt_encoder": lambda m: m.sam.prompt_encoder}[through]
+    module(target).load_state_dict(module(source).state_dict())
+    torch.testing.assert_close(target.point_pe_table, source.point_pe_table, rtol=0, atol=0)
+    pe = target.sam.prompt_encoder
+    fresh = pe.pe_layer.grid_table(pe.mask_input_size)  # computed now from the loaded Gaussian matrix
+    torch.testing.assert_close(target.point_pe_table, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(pe.get_dense_pe(), source.sam.prompt_encoder.get_dense_pe(), rtol=0, atol=0)
 
 
 # ---- §3.1 prompts for SAM and SAM decoding (Eq. 4) ----

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import synth
 import prompt_ris
 import train
 
@@ -38,7 +39,7 @@ def restore_torch_globals():
 @pytest.fixture(scope="module")
 def micro_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("micro_synth"))
-    data.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
+    synth.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
     return root
 
 
