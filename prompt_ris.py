@@ -265,11 +265,12 @@ def sam_decode(sam: SAM, image: torch.Tensor, sparse: torch.Tensor, sparse_mask:
                dense: torch.Tensor) -> torch.Tensor:
     """SAM's mask decoder on Prompt-RIS prompts -> final mask logits S (N, 16h, 16w) in the padded S x S frame.
 
-    image F_IS (N, C, h, w), sparse [P_point; P_text] (N, T, C) with sparse_mask (N, T) (False = padded or
-    dropped token, never attended to), dense P_mask or SAM's no-mask embedding (N, C, h, w).
+    image F_IS (N, C, h, w), sparse [P_point; not-a-point; P_text] (N, T, C) with sparse_mask (N, T) (False =
+    padded or dropped token, never attended to), dense P_mask or SAM's no-mask embedding (N, C, h, w).
     """
     # Eq. (4): S' = D_sam([T_iou; T_out; P_point; P_text], P_mask + F_IS); SAM prepends T_iou, T_out and
-    # adds the dense prompt to F_IS itself. Single-mask output = SAM's first mask token.
+    # adds the dense prompt to F_IS itself; P_point carries SAM's not-a-point padding token (sam_prompts).
+    # Single-mask output = SAM's first mask token.
     low_res, _ = sam.mask_decoder(image, sam.prompt_encoder.get_dense_pe(), sparse, dense,
                                   multimask_output=False, sparse_prompt_mask=sparse_mask)  # S': (N, 1, 4h, 4w)
     return F.interpolate(low_res, scale_factor=4, mode="bilinear", align_corners=False)[:, 0]  # S: (N, 16h, 16w)
@@ -458,9 +459,9 @@ class PromptRIS(nn.Module):
 
     def sam_prompts(self, coarse: torch.Tensor, f_t: torch.Tensor, text_valid: torch.Tensor,
                     image: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor):
-        """Mask, point and text prompts (§3.1) -> (sparse (N, 1 + L, C), sparse_mask (N, 1 + L),
+        """Mask, point and text prompts (§3.1) -> (sparse (N, 2 + L, C), sparse_mask (N, 2 + L),
         dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (B, C, h, w) one per
-        image, image_index (N,)."""
+        image, image_index (N,). sparse = [P_point; not-a-point; P_text]."""
         pe = self.sam.prompt_encoder
         keep_mask, keep_point, keep_text = keep.unbind(dim=1)  # (N,) each, in PROMPT_TYPES order
         coarse_up = F.interpolate(coarse.float()[:, None], size=pe.mask_input_size, mode="bilinear",
@@ -469,8 +470,13 @@ class PromptRIS(nn.Module):
         dense = torch.where(keep_mask[:, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
         p_point, point = self.point_prompt(coarse_up)  # P_point: (N, 1, C)
         p_text = self.text_prompter(f_t, text_valid, image, pe.get_dense_pe(), image_index)  # P_text: (N, L, C)
-        sparse = torch.cat([p_point, p_text], dim=1)  # [P_point; P_text]: (N, 1 + L, C)
-        sparse_mask = torch.cat([keep_point[:, None], text_valid & keep_text[:, None]], dim=1)  # (N, 1 + L)
+        # SAM appends a "not a point" token whenever points come without a box, and its decoder was trained
+        # so: it follows P_point and is attended exactly when the point is (SAM without points has no
+        # padding either). A choice the paper leaves open (README, design decisions).
+        pad = pe.not_a_point_embed.weight.expand(p_point.shape[0], 1, -1)  # (N, 1, C)
+        sparse = torch.cat([p_point, pad, p_text], dim=1)  # [P_point; pad; P_text]: (N, 2 + L, C)
+        sparse_mask = torch.cat([keep_point[:, None], keep_point[:, None], text_valid & keep_text[:, None]],
+                                dim=1)  # (N, 2 + L)
         return sparse, sparse_mask, dense, point
 
     # -- the whole model --

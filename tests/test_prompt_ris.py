@@ -278,11 +278,28 @@ def test_prompt_subsets_switch_sam_prompts(subset):
     with torch.no_grad():
         sparse, sparse_mask, dense, _ = model.sam_prompts(**inputs, keep=keep)
         _, _, mask_dense, _ = model.sam_prompts(**inputs, keep=torch.ones(4, 3, dtype=torch.bool))
-    assert sparse.shape == (4, 7, 32)
-    assert torch.equal(sparse_mask[:, 0], torch.full((4,), "point" in subset))
-    assert torch.equal(sparse_mask[:, 1:], inputs["text_valid"] & ("text" in subset))
+    assert sparse.shape == (4, 8, 32)  # [P_point; not-a-point; 6 text tokens]
+    assert torch.equal(sparse_mask[:, :2], torch.full((4, 2), "point" in subset))  # the padding goes with the point
+    assert torch.equal(sparse_mask[:, 2:], inputs["text_valid"] & ("text" in subset))
     no_mask = model.sam.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand_as(dense)
     assert torch.equal(dense, mask_dense if "mask" in subset else no_mask)
+
+
+def test_point_prompt_is_followed_by_sams_not_a_point_token():
+    """As segment_anything pads points given without a box: the token after P_point is exactly
+    not_a_point_embed, and it is the padding of SAM's own prompt encoder for the same point."""
+    model = tiny_model().eval()
+    inputs = random_prompt_inputs(model)
+    pe = model.sam.prompt_encoder
+    with torch.no_grad():
+        sparse, _, _, point = model.sam_prompts(**inputs, keep=torch.ones(4, 3, dtype=torch.bool))
+        grid_h, grid_w = pe.mask_input_size
+        frame = model.config.sam.image_size
+        r, c = point // grid_w, point % grid_w  # the chosen cell's centre, in input-frame pixels (minus 0.5)
+        coords = torch.stack([(c + 0.5) * frame / grid_w - 0.5, (r + 0.5) * frame / grid_h - 0.5], dim=-1)[:, None]
+        official, _ = pe(points=(coords, torch.ones(4, 1)))  # (N, 1 + pad, C)
+    assert torch.equal(sparse[:, 1], pe.not_a_point_embed.weight.expand(4, -1))
+    torch.testing.assert_close(sparse[:, :2], official, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_subsets_change_the_final_mask():
