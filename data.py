@@ -245,8 +245,26 @@ EVAL_SPLITS = {
     ("synth", "unc"): ("val", "testA", "testB"),
 }
 
-# Open-vocabulary setting (Table 2, following CGFormer): COCO categories split as in OVR-CNN's
-# OV-COCO benchmark, 48 seen (base) and these 17 unseen (novel) categories, by COCO id.
+# Table 2's "test" column on RefCOCO / RefCOCO+ (as in CGFormer): their two test splits together. A split
+# that exists under this name (G-Ref umd's "test") is itself.
+SPLIT_UNIONS = {"test": ("testA", "testB")}
+
+# Open-vocabulary setting (Table 2): CGFormer's split, which follows OVR-CNN's OV-COCO benchmark, COCO
+# categories by id. Checked name for name against OVR-CNN's own lists, github.com/alirezazareian/ovr-cnn
+# files mscoco_seen_classes.json (these 48, plus "background") and mscoco_unseen_classes.json (the 17);
+# OVR-CNN writes "tv" for COCO's "tv". The other 15 COCO categories (traffic light, fire hydrant, stop
+# sign, parking meter, sports ball, baseball bat, baseball glove, tennis racket, wine glass, hot dog,
+# potted plant, dining table, cell phone, teddy bear, hair drier) are in neither split: not trained on,
+# not evaluated.
+OV_SEEN_CATEGORIES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 7: "train", 8: "truck", 9: "boat", 15: "bench",
+    16: "bird", 19: "horse", 20: "sheep", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
+    31: "handbag", 33: "suitcase", 34: "frisbee", 35: "skis", 38: "kite", 42: "surfboard", 44: "bottle",
+    48: "fork", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange",
+    56: "broccoli", 57: "carrot", 59: "pizza", 60: "donut", 62: "chair", 65: "bed", 70: "toilet", 72: "tv",
+    73: "laptop", 74: "mouse", 75: "remote", 78: "microwave", 79: "oven", 80: "toaster", 82: "refrigerator",
+    84: "book", 85: "clock", 86: "vase", 90: "toothbrush",
+}
 OV_UNSEEN_CATEGORIES = {
     5: "airplane", 6: "bus", 17: "cat", 18: "dog", 21: "cow", 22: "elephant", 28: "umbrella",
     32: "tie", 36: "snowboard", 41: "skateboard", 47: "cup", 49: "knife", 61: "cake",
@@ -373,8 +391,10 @@ class RefData:
         return list(dict.fromkeys(r["split"] for r in self.refs))
 
     def split_refs(self, split: str) -> list[dict]:
-        """Refs of one split; unknown split -> ValueError listing the splits that exist."""
-        refs = [r for r in self.refs if r["split"] == split]
+        """Refs of one split ("test" without a split of that name: testA + testB, SPLIT_UNIONS); an unknown
+        split -> ValueError listing the splits that exist."""
+        parts = SPLIT_UNIONS.get(split, ()) if split not in self.splits() else ()
+        refs = [r for r in self.refs if r["split"] == split or r["split"] in parts]
         if not refs:
             raise ValueError(f"{self.dataset} ({self.split_by}) has no split '{split}'; "
                              f"available: {self.splits()}")
@@ -496,17 +516,15 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
     return RefData(name, ",".join(d.split_by for d in datas), refs, anns, images, categories)
 
 
-def split_seen_unseen(refs: Sequence[dict],
-                      unseen_ids: Collection[int] = tuple(OV_UNSEEN_CATEGORIES)
-                      ) -> dict[str, list[dict]]:
-    """Open-vocabulary setting (Table 2): {"seen": refs of other categories, "unseen": the rest}.
+def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:
+    """Open-vocabulary setting (Table 2): {"seen": refs of OV_SEEN_CATEGORIES, "unseen": refs of
+    OV_UNSEEN_CATEGORIES}; refs of the other 15 COCO categories are in neither.
 
-    Training keeps the "seen" part (RefTrainSet(unseen_categories=...)); evaluation reports the
-    two parts separately (RefEvalSet(category_ids=...) or the batch's `category_ids`).
+    Training keeps the "seen" part (RefTrainSet(category_ids=OV_SEEN_CATEGORIES), train.py --seen-only);
+    evaluation reports the two parts separately (RefEvalSet(category_ids=...), eval.py --subset).
     """
-    unseen = set(unseen_ids)
-    return {"seen": [r for r in refs if r["category_id"] not in unseen],
-            "unseen": [r for r in refs if r["category_id"] in unseen]}
+    return {"seen": [r for r in refs if r["category_id"] in OV_SEEN_CATEGORIES],
+            "unseen": [r for r in refs if r["category_id"] in OV_UNSEEN_CATEGORIES]}
 
 
 def split_stats(data: RefData) -> dict[str, dict[str, int]]:
@@ -681,6 +699,10 @@ class RefTrainSet(_ImageSet):
     An image that cannot be opened is skipped with a logged warning and replaced by the next
     index (deterministically); `max_skips` consecutive failures raise.
 
+    `category_ids` keeps only refs of those categories (Table 2: OV_SEEN_CATEGORIES). Only refs are
+    dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
+    as some ref of it is kept.
+
     Use with a DataLoader over image indices (batch_size = B images, optionally a
     DistributedSampler) and `collate`, which flattens the b sentences of every image.
     """
@@ -688,16 +710,18 @@ class RefTrainSet(_ImageSet):
     def __init__(self, refs_data: Union[RefData, Sequence[RefData]], tokenizer,
                  clip_size: int = 480, sam_size: int = 1024, sentences_per_image: int = 4,
                  seed: int = 0, split: str = "train", word_drop: float = 0.2,
-                 unseen_categories: Optional[Collection[int]] = None, context_length: int = 77,
+                 category_ids: Optional[Collection[int]] = None, context_length: int = 77,
                  max_skips: int = 16, held_out_from: Sequence[RefData] = ()):
         datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
         combined = combine_for_training(datas, split, held_out_from)
         refs = combined.refs
-        if unseen_categories is not None:  # open-vocabulary training (Table 2): seen only
-            refs = split_seen_unseen(refs, unseen_categories)["seen"]
+        if category_ids is not None:  # open-vocabulary training (Table 2): seen categories only
+            keep = set(category_ids)  # the images stay: other objects' pixels are still seen, unnamed
+            refs = [r for r in refs if r["category_id"] in keep]
+        self.dropped_refs = len(combined.refs) - len(refs)  # refs of categories not in category_ids
         if not refs:
             raise ValueError(f"no '{split}' refs left in {combined.dataset} after removing "
-                             "evaluation images and unseen categories")
+                             "evaluation images and other categories")
         super().__init__(combined, refs, tokenizer, clip_size, sam_size, context_length)
         self.sentences_per_image = sentences_per_image
         self.seed = seed

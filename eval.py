@@ -2,9 +2,11 @@
 
     python eval.py                                    # runs/demo on the built-in synth val split
     python eval.py --checkpoint runs/paper --data-root data/refer --dataset refcoco --split val
-    python eval.py --output coarse                    # Table 3: the CLIP-only coarse mask
+    python eval.py --output coarse                    # the coarse mask S'_C (of this run: trained with SAM)
+    python eval.py --checkpoint runs/clip-only --output coarse   # Table 3 rows 1-3: a --no-use-sam run
     python eval.py --prompts mask,text                # Table 5: any subset of mask,point,text (or none)
     python eval.py --subset unseen                    # Table 2: seen / unseen categories
+    python eval.py --checkpoint runs/paper --data-root data/refer --splits all   # Table 1, paper row beside
     python eval.py --image photo.jpg --text "the man on the left" --out pred.png   # Fig. 4-style panel
 
 Every prediction is compared with the ground truth at the ORIGINAL image resolution: the logits in
@@ -31,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from clip_vit import Tokenizer
-from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
+from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
 from sam import SAM_MEAN, SAM_STD
@@ -493,6 +495,83 @@ def build_loader(args, run_config: dict, tokenizer: Tokenizer, config: PromptRIS
                                        num_workers=args.workers, collate_fn=collate), name
 
 
+# ---------------------------------------------------------------------------------------------
+# Tables 1 and 2 in one command: every split under the data root, the paper's "Ours" row beside
+# ---------------------------------------------------------------------------------------------
+
+# Table 1's columns, (dataset, split_by, split), and the paper's row "Ours" (§4.3)
+TABLE1_COLUMNS = (("refcoco", "unc", "val"), ("refcoco", "unc", "testA"), ("refcoco", "unc", "testB"),
+                  ("refcoco+", "unc", "val"), ("refcoco+", "unc", "testA"), ("refcoco+", "unc", "testB"),
+                  ("refcocog", "google", "val"), ("refcocog", "umd", "val"), ("refcocog", "umd", "test"))
+PAPER_TABLE1 = {"oIoU": dict(zip(TABLE1_COLUMNS, (76.36, 80.37, 72.29, 67.06, 73.58, 58.96, 64.79, 67.16, 69.01))),
+                "mIoU": dict(zip(TABLE1_COLUMNS, (78.10, 81.21, 74.64, 71.13, 76.60, 64.25, 69.17, 70.47, 71.29)))}
+# Table 2's columns (mIoU; RefCOCO / RefCOCO+ "test" = testA + testB) and its row "Ours", seen and unseen
+TABLE2_COLUMNS = (("refcoco", "unc", "val"), ("refcoco", "unc", "test"), ("refcoco+", "unc", "val"),
+                  ("refcoco+", "unc", "test"), ("refcocog", "google", "val"), ("refcocog", "umd", "val"),
+                  ("refcocog", "umd", "test"))
+PAPER_TABLE2 = {"seen": dict(zip(TABLE2_COLUMNS, (78.74, 78.15, 71.96, 71.35, 66.71, 68.75, 69.70))),
+                "unseen": dict(zip(TABLE2_COLUMNS, (65.07, 62.02, 52.05, 53.50, 47.99, 46.41, 45.66)))}
+SYNTH_COLUMNS = {"all": (("synth", "unc", "val"), ("synth", "unc", "testA"), ("synth", "unc", "testB")),
+                 "split": (("synth", "unc", "val"), ("synth", "unc", "test"))}  # the built-in data: no paper row
+DATASET_LABELS = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "G-Ref", "synth": "synth"}
+SPLIT_LABELS = {("refcocog", "google", "val"): "val(G)", ("refcocog", "umd", "val"): "val(U)",
+                ("refcocog", "umd", "test"): "test(U)"}
+
+
+def table_columns(data_root: str, subset: str) -> list[tuple[str, str, str]]:
+    """The columns of Table 1 (subset "all") or Table 2 whose dataset has a refs file under data_root."""
+    columns = (TABLE1_COLUMNS + SYNTH_COLUMNS["all"]) if subset == "all" else (TABLE2_COLUMNS + SYNTH_COLUMNS["split"])
+    found = [c for c in columns if has_refs(data_root, c[0], c[1])]
+    if not found:
+        raise ValueError(f"--splits all: no refs file of refcoco, refcoco+, refcocog (umd, google) or synth under "
+                         f"--data-root {data_root}")
+    return found
+
+
+def format_paper_table(results: dict, subset: str) -> str:
+    """Our numbers and the paper's "Ours" row per column, Table 1 (oIoU, mIoU) or Table 2 (mIoU) layout."""
+    columns = list(results)
+    datasets = [DATASET_LABELS[c[0]] if i == 0 or columns[i - 1][0] != c[0] else "" for i, c in enumerate(columns)]
+    lines = [" " * 18 + "".join(f"{d:>9}" for d in datasets),
+             " " * 18 + "".join(f"{SPLIT_LABELS.get(c, c[2]):>9}" for c in columns)]
+    for metric in ("oIoU", "mIoU") if subset == "all" else ("mIoU",):
+        paper = PAPER_TABLE1[metric] if subset == "all" else PAPER_TABLE2[subset]
+        lines.append(f"{metric:<6}{'ours':<12}" + "".join(f"{results[c][metric]:9.2f}" for c in columns))
+        lines.append(f"{'':<6}{'paper':<12}" + "".join(f"{paper[c]:9.2f}" if c in paper else f"{'-':>9}"
+                                                       for c in columns))
+    table = "Table 1" if subset == "all" else f"Table 2 ({subset})"
+    return "\n".join(lines) + f"\npaper = {table}, row \"Ours\""
+
+
+def evaluate_table(args, model: PromptRIS, tokenizer: Tokenizer, run_config: dict, prompts, amp_dtype) -> int:
+    """--splits all: build_loader + evaluate on every column found under the data root, then the table.
+    SAM's image embedding is computed per split: RefCOCO and RefCOCO+ share images, but keeping the
+    embeddings of one dataset for the next would hold ~4 MiB per image (paper size) in memory."""
+    data_root = args.data_root or run_config.get("train", {}).get("data_root")
+    if not data_root:
+        raise ValueError("--splits all needs --data-root (the run's config.json records none)")
+    results = {}
+    for dataset, split_by, split in table_columns(data_root, args.subset):
+        column = argparse.Namespace(**{**vars(args), "data_root": data_root, "dataset": dataset,
+                                       "split_by": split_by, "split": split})
+        loader, name = build_loader(column, run_config, tokenizer, model.config)
+        results[dataset, split_by, split] = result = evaluate(model, loader, device=args.device, output=args.output,
+                                                              prompts=prompts, amp_dtype=amp_dtype)
+        print(f"{name}: {len(loader.dataset)} images, {result['n']} expressions, oIoU {result['oIoU']:.2f} "
+              f"mIoU {result['mIoU']:.2f}")
+    used = model.config.prompts if prompts is None else prompts
+    print(f"{args.checkpoint}, output {args.output}" + (f", prompts {','.join(used) or 'none'}"
+                                                        if args.output == "mask" else ""))
+    print(format_paper_table(results, args.subset))
+    if args.json:
+        paper = PAPER_TABLE1 if args.subset == "all" else {"mIoU": PAPER_TABLE2[args.subset]}
+        print(json.dumps({"checkpoint": args.checkpoint, "output": args.output, "prompts": list(used),
+                          "subset": args.subset, "splits": {"/".join(c): r for c, r in results.items()},
+                          "paper": {m: {"/".join(c): v for c, v in row.items() if c in results}
+                                    for m, row in paper.items()}}))
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a Prompt-RIS run (§4.1 metrics) or segment one image.")
     p.add_argument("--checkpoint", default="runs/demo",
@@ -501,11 +580,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth, or name:split_by "
                                      "(default: the run's validation set)")
     p.add_argument("--split-by", help="unc | umd | google (default: umd for refcocog, else unc)")
-    p.add_argument("--split", help="val | testA | testB | test ... (default: the run's validation split, val)")
+    p.add_argument("--split", help="val | testA | testB | test ... (default: the run's validation split, val); "
+                                   "on RefCOCO / RefCOCO+ 'test' is testA + testB (Table 2)")
+    p.add_argument("--splits", choices=("all",), help="every split of every dataset under --data-root, in the layout "
+                                                      "of Table 1 (with --subset: Table 2), the paper's row beside")
     p.add_argument("--subset", choices=("all", "seen", "unseen"), default="all",
                    help="Table 2: only refs of seen / unseen categories")
     p.add_argument("--output", choices=OUTPUTS, default="mask",
-                   help="Table 3: final SAM mask, or the CLIP-only coarse mask")
+                   help="final SAM mask, or the coarse mask S'_C. On a full run 'coarse' is the coarse mask of a "
+                        "model trained end to end with SAM, not Table 3's CLIP-only rows: those are runs trained "
+                        "with --no-use-sam (evaluated with --output coarse)")
     p.add_argument("--prompts", help="Table 5: prompts given to SAM, a subset of mask,point,text or none "
                                      "(default: the run's)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (all their sentences)")
@@ -522,6 +606,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
+    clashing = [f for f, v in (("--dataset", args.dataset), ("--split-by", args.split_by), ("--split", args.split),
+                               ("--save-vis", args.save_vis), ("--image", args.image)) if v is not None]
+    if args.splits and clashing:
+        p.error(f"--splits all chooses the datasets and splits itself: drop {', '.join(clashing)}")
     return args
 
 
@@ -547,6 +635,8 @@ def main(argv=None) -> int:
             print(json.dumps(summary))
         return 0
 
+    if args.splits:
+        return evaluate_table(args, model, tokenizer, run_config, prompts, amp_dtype)
     loader, name = build_loader(args, run_config, tokenizer, model.config)
     used = model.config.prompts if prompts is None else prompts
     result = evaluate(model, loader, device=args.device, output=args.output, prompts=prompts, amp_dtype=amp_dtype,

@@ -11,7 +11,8 @@ Order of this file: the knobs (TrainConfig, presets, command line), then `main` 
 paper's order (setup -> model -> data -> optimizer -> resume -> training loop -> final evaluation), then
 the named steps it calls: inputs, model and data, SAM embeddings, checkpoints and randomness, processes
 and devices, the schedule and one training step, logs. The paper's schedule (§4.2): AdamW, lr 1e-4 with polynomial
-decay (power 0.9), 50 epochs of 16 images x 4 sentences; the first 20 epochs train CLIP + CMP + ICL
+decay (power 0.9), 50 epochs of 16 images x 4 sentences (an epoch is one pass over the training images,
+b = 4 sentences drawn for each: images // 16 steps); the first 20 epochs train CLIP + CMP + ICL
 on the coarse mask only, the last 30 the whole model end to end. CLIP and SAM stay frozen.
 
 The demo has no official weights to start from, and frozen random towers learn nothing, so it
@@ -49,7 +50,7 @@ import synth
 from clip_vit import Tokenizer
 from eval import evaluate
 from load_weights import load_clip, load_sam
-from prompt_ris import PromptRIS, PromptRISConfig, total_loss
+from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 
 # ---------------------------------------------------------------------------------------------
 # Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
@@ -84,6 +85,9 @@ class TrainConfig:
     val_dataset: str = knob("refcoco", "validation set (name or name:split_by)", "§4.1")
     val_split: str = knob("val", "validation split", "§4.1")
     val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)")
+    seen_only: bool = knob(False, "train on refs of the 48 seen COCO categories only (data.OV_SEEN_CATEGORIES, "
+                           "CGFormer's split after OVR-CNN); images stay, refs of other categories are dropped",
+                           "§4.1, Table 2")
     # -- model (sizes and the ablation switches of Tables 3-5) --
     clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2")
     sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2")
@@ -92,6 +96,8 @@ class TrainConfig:
                     choices=("both", "v2l", "l2v", "none"))
     prompts: str = knob("mask,point,text", "prompt types given to SAM", "Table 5")
     use_sam: bool = knob(True, "train and evaluate the SAM branch (--no-use-sam: coarse mask only)", "Table 3")
+    icl: bool = knob(True, "Instance Contrastive Learning: L_icl of Eq. (9) on both masks (--no-icl: Table 3 rows "
+                     "1, 2, 4, Table 4, §4.4 w/o ICL)", "§3.3, Table 3")
     prompt_dropout: float = knob(_MODEL_DEFAULTS.prompt_dropout, "drop rate of each prompt type in training "
                                  "(rate not given in the paper)", "§4.2")
     gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)")
@@ -100,7 +106,8 @@ class TrainConfig:
     # -- optimisation --
     images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2")
     sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2")
-    epochs: int = knob(50, "training epochs", "§4.2")
+    epochs: int = knob(50, "training epochs; one epoch = one pass over the training images (each with b sentences), "
+                       "i.e. images // images-per-batch steps (paper data: ~2,000 steps, see README)", "§4.2")
     stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM)", "§4.2")
     lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2")
     lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2")
@@ -226,6 +233,9 @@ def main(argv=None) -> dict:
 
     # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
     train_set, val_set = build_data(tc, tokenizer, procs.master)
+    if tc.seen_only:  # Table 2
+        log(f"--seen-only: {train_set.dropped_refs} training refs of unseen or other categories dropped, "
+            f"{sum(map(len, train_set.pairs))} sentences of {len(train_set)} images kept")
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)
@@ -392,7 +402,7 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
     held_out = [loaded[val_spec]] + [data.load_refs(tc.data_root, *spec) for spec in other_gref]
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
-                                 held_out_from=held_out)
+                                 held_out_from=held_out, category_ids=data.OV_SEEN_CATEGORIES if tc.seen_only else None)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size)
     return train_set, val_set
@@ -407,14 +417,14 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> lis
     return [indices[i:i + per_rank] for i in range(0, len(indices) - per_rank + 1, per_rank)]
 
 
-def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None) -> dict:
-    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum). Without given SAM
-    features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"] itself."""
+def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
+    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
+    Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"]."""
     sam_images = batch["sam_images"].to(device) if use_sam and sam_features is None else None
     index = batch["image_index"].to(device)
     out = model(batch["clip_images"].to(device), batch["tokens"].to(device), index, sam_embeddings=sam_features,
                 sam_images=sam_images, use_sam=use_sam)
-    return total_loss(out, batch["masks"].to(device), batch["instance_ids"].to(device), index)
+    return total_loss(out, batch["masks"].to(device), batch["instance_ids"].to(device), index, LossConfig(icl=icl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,7 +759,7 @@ def train_step(model, raw_model: PromptRIS, batch: dict, optimizer, params, stag
         if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
             with torch.no_grad():
                 features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
-        terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features)
+        terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features, icl=tc.icl)
     values = mean_over_ranks(terms, procs)  # every rank sees the same values, so a NaN stops all at once
     bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
     kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"

@@ -318,12 +318,63 @@ def test_empty_sent_falls_back_to_raw(tmp_path):
     assert data.load_refs(str(tmp_path), "refcoco", "unc").refs[0]["sentences"][0] == "MAN LEFT"
 
 
-def test_seen_unseen_split_uses_ovr_cnn_unseen_ids():
-    assert len(data.OV_UNSEEN_CATEGORIES) == 17 and data.OV_UNSEEN_CATEGORIES[18] == "dog"
-    refs, _ = tiny_records()
-    parts = data.split_seen_unseen(refs)
-    assert [r["ref_id"] for r in parts["seen"]] == [0, 2]
-    assert [r["ref_id"] for r in parts["unseen"]] == [1]
+# OVR-CNN's own lists (github.com/alirezazareian/ovr-cnn: mscoco_seen_classes.json without "background",
+# mscoco_unseen_classes.json) and the 15 COCO categories in neither
+OVR_CNN_SEEN = {"toilet", "bicycle", "apple", "train", "laptop", "carrot", "motorcycle", "oven", "chair", "mouse",
+                "boat", "kite", "sheep", "horse", "sandwich", "clock", "tv", "backpack", "toaster", "bowl",
+                "microwave", "bench", "book", "orange", "bird", "pizza", "fork", "frisbee", "bear", "vase",
+                "toothbrush", "spoon", "giraffe", "handbag", "broccoli", "refrigerator", "remote", "surfboard", "car",
+                "bed", "banana", "donut", "skis", "person", "truck", "bottle", "suitcase", "zebra"}
+OVR_CNN_UNSEEN = {"umbrella", "cow", "cup", "bus", "keyboard", "skateboard", "dog", "couch", "tie", "snowboard",
+                  "sink", "elephant", "cake", "scissors", "airplane", "cat", "knife"}
+OV_NEITHER = {10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 37: "sports ball",
+              39: "baseball bat", 40: "baseball glove", 43: "tennis racket", 46: "wine glass", 58: "hot dog",
+              64: "potted plant", 67: "dining table", 77: "cell phone", 88: "teddy bear", 89: "hair drier"}
+COCO_IDS = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
+            *range(84, 91)]  # COCO's 80 category ids (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused)
+
+
+def test_ov_categories_are_ovr_cnns_lists_by_coco_id():
+    seen, unseen = data.OV_SEEN_CATEGORIES, data.OV_UNSEEN_CATEGORIES
+    assert set(seen.values()) == OVR_CNN_SEEN and len(seen) == 48
+    assert set(unseen.values()) == OVR_CNN_UNSEEN and len(unseen) == 17
+    assert sorted({**seen, **unseen, **OV_NEITHER}) == COCO_IDS  # disjoint, together all 80 COCO categories
+    assert (seen[1], seen[72], seen[90], unseen[5], unseen[87]) == ("person", "tv", "toothbrush", "airplane",
+                                                                     "scissors")
+
+
+def write_ov_refer(root: str) -> str:
+    """A refcoco (unc) tree whose refs name seen, unseen and neither-split COCO categories:
+    train  image 1: person, dog, traffic light; image 2: car, airplane; image 3: teddy bear only
+    val    image 4: person, dog, dog, traffic light; testA image 5: person, cat; testB image 6: car, teddy bear, cow
+    """
+    layout = {1: ("train", (1, 18, 10)), 2: ("train", (3, 5)), 3: ("train", (88,)), 4: ("val", (1, 18, 18, 10)),
+              5: ("testA", (1, 17)), 6: ("testB", (3, 88, 21))}
+    sq = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+    images, anns, refs = [], [], []
+    for image_id, (split, categories) in layout.items():
+        images.append({"id": image_id, "file_name": f"COCO_train2014_{image_id:012d}.jpg", "height": 20, "width": 30})
+        for cat in categories:
+            ann_id = 100 + len(anns)
+            anns.append({"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": sq})
+            refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id, "category_id": cat,
+                         "split": split, "sentences": [{"sent": f"object {ann_id}"}, {"sent": f"thing {ann_id}"}]})
+    write_tree(root, refs, {"images": images, "annotations": anns, "categories": []})
+    return root
+
+
+def test_seen_unseen_split_leaves_the_other_15_categories_out(tmp_path):
+    refer = data.load_refs(write_ov_refer(str(tmp_path)), "refcoco", "unc")
+    counts = {split: {k: len(v) for k, v in data.split_seen_unseen(refer.split_refs(split)).items()}
+              for split in ("train", "val", "test")}
+    assert counts == {"train": {"seen": 2, "unseen": 2}, "val": {"seen": 1, "unseen": 2},
+                      "test": {"seen": 2, "unseen": 2}}  # traffic light and teddy bear refs are in neither
+    assert len(refer.split_refs("test")) == 5  # RefCOCO's "test" (Table 2) = testA + testB
+    seen_train = train_set(refer, category_ids=data.OV_SEEN_CATEGORIES)
+    assert seen_train.dropped_refs == 4 and seen_train.image_ids == [1, 2]  # image 3 had no seen ref
+    assert [r["category_id"] for p in seen_train.pairs for r, _ in p[::2]] == [1, 3]  # 2 sentences per ref
+    unseen_test = data.RefEvalSet(refer, "test", CharTokenizer(), category_ids=data.OV_UNSEEN_CATEGORIES)
+    assert unseen_test.image_ids == [5, 6] and sum(map(len, unseen_test.pairs)) == 4
 
 
 # ---- instance-contrastive sampling --------------------------------------------------------------

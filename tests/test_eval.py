@@ -231,3 +231,44 @@ def test_subset_keeps_seen_categories_and_rejects_an_empty_unseen_split(run_dir,
     assert last_json(capsys)["n"] == everything["n"]  # synth shapes are none of the 17 unseen COCO classes
     with pytest.raises(ValueError, match="unseen categories"):
         ris_eval.main(["--checkpoint", str(run_dir), "--subset", "unseen"])
+
+
+# ---- Tables 1 and 2 in one command ----
+
+
+def test_splits_all_evaluates_every_split_like_single_split_runs(run_dir, capsys):
+    ris_eval.main(["--checkpoint", str(run_dir), "--splits", "all", "--output", "coarse", "--json"])
+    table = last_json(capsys)
+    assert list(table["splits"]) == ["synth/unc/val", "synth/unc/testA", "synth/unc/testB"]
+    for split in ("val", "testA", "testB"):
+        ris_eval.main(["--checkpoint", str(run_dir), "--split", split, "--output", "coarse", "--json"])
+        single = last_json(capsys)
+        assert table["splits"][f"synth/unc/{split}"]["n"] == single["n"]
+        assert table["splits"][f"synth/unc/{split}"]["mIoU"] == pytest.approx(single["mIoU"])
+    ris_eval.main(["--checkpoint", str(run_dir), "--splits", "all", "--subset", "seen", "--output", "coarse",
+                   "--json"])
+    seen = last_json(capsys)["splits"]
+    assert list(seen) == ["synth/unc/val", "synth/unc/test"]  # Table 2: test = testA + testB
+    assert seen["synth/unc/test"]["n"] == table["splits"]["synth/unc/testA"]["n"] + table["splits"]["synth/unc/testB"]["n"]
+    with pytest.raises(SystemExit):
+        ris_eval.parse_args(["--splits", "all", "--split", "val"])
+
+
+def test_paper_table_has_the_columns_found_and_the_papers_row(tmp_path):
+    for dataset, split_by in (("refcoco", "unc"), ("refcocog", "umd")):
+        (tmp_path / dataset).mkdir()
+        (tmp_path / dataset / f"refs({split_by}).json").write_text("[]")
+    columns = ris_eval.table_columns(str(tmp_path), "all")
+    assert columns == [("refcoco", "unc", "val"), ("refcoco", "unc", "testA"), ("refcoco", "unc", "testB"),
+                       ("refcocog", "umd", "val"), ("refcocog", "umd", "test")]
+    ours = {c: {"oIoU": 1.0, "mIoU": 2.0} for c in columns}
+    lines = ris_eval.format_paper_table(ours, "all").splitlines()
+    assert lines[1].split() == ["val", "testA", "testB", "val(U)", "test(U)"]
+    assert lines[3].split() == ["paper", "76.36", "80.37", "72.29", "67.16", "69.01"]  # Table 1, Ours, oIoU
+    assert lines[5].split() == ["paper", "78.10", "81.21", "74.64", "70.47", "71.29"]  # mIoU
+    unseen_columns = ris_eval.table_columns(str(tmp_path), "unseen")
+    unseen = ris_eval.format_paper_table({c: {"mIoU": 2.0} for c in unseen_columns}, "unseen").splitlines()
+    assert unseen[1].split() == ["val", "test", "val(U)", "test(U)"]
+    assert unseen[3].split() == ["paper", "65.07", "62.02", "46.41", "45.66"]  # Table 2, Ours, unseen
+    with pytest.raises(ValueError, match="no refs file"):
+        ris_eval.table_columns(str(tmp_path / "refcoco"), "all")

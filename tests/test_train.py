@@ -267,6 +267,27 @@ def micro_batch(root, tc, images):
     return data.collate([train_set[i] for i in images])
 
 
+def test_no_icl_removes_both_icl_terms_of_eq_9(micro_root):
+    model, tc = micro_model(micro_root)
+    batch = micro_batch(micro_root, tc, range(4))
+    with_icl = train.forward_losses(model.eval(), batch, "cpu", use_sam=True)
+    without = train.forward_losses(model, batch, "cpu", use_sam=True, icl=False)
+    assert with_icl.keys() == {"clip_seg", "icl_clip", "sam_seg", "icl_sam", "loss"}
+    assert without.keys() == {"clip_seg", "sam_seg", "loss"}
+    torch.testing.assert_close(without["loss"], without["clip_seg"] + without["sam_seg"])
+    assert train.parse_args(["--no-icl"]).icl is False and train.parse_args([]).icl is True
+
+
+def test_seen_only_trains_on_refs_of_seen_categories(tmp_path):
+    from test_data import write_ov_refer  # refs of seen, unseen and neither-split COCO categories
+    root = write_ov_refer(str(tmp_path))
+    flags = ["--config", "demo", "--data-root", root, "--datasets", "refcoco", "--val-dataset", "refcoco"]
+    for extra, dropped, categories in (([], 0, [1, 18, 10, 3, 5, 88]), (["--seen-only"], 4, [1, 3])):
+        train_set, _ = train.build_data(train.parse_args(flags + extra), train.Tokenizer(None), master=True)
+        assert train_set.dropped_refs == dropped
+        assert [r["category_id"] for p in train_set.pairs for r, _ in p[::2]] == categories
+
+
 def test_grad_checkpoint_gives_the_same_gradients(micro_root, monkeypatch):
     calls = []
     real_checkpoint = prompt_ris.checkpoint
