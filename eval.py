@@ -475,6 +475,13 @@ def _data_source(args, run_config: dict) -> tuple[str, str, str, str]:
     return data_root, dataset, split_by, args.split or train.get("val_split", "val")
 
 
+def count_refs(eval_set) -> int:
+    """Refs (referred objects, each with one or more sentences) of a RefEvalSet or a Subset of one."""
+    base, indices = ((eval_set.dataset, eval_set.indices) if isinstance(eval_set, torch.utils.data.Subset)
+                     else (eval_set, range(len(eval_set))))
+    return len({ref["ref_id"] for i in indices for ref, _ in base.pairs[i]})
+
+
 def build_loader(args, run_config: dict, tokenizer: Tokenizer, config: PromptRISConfig):
     """RefEvalSet of the chosen split (and seen/unseen subset, Table 2) in a DataLoader of collate()."""
     data_root, dataset, split_by, split = _data_source(args, run_config)
@@ -557,8 +564,9 @@ def evaluate_table(args, model: PromptRIS, tokenizer: Tokenizer, run_config: dic
         loader, name = build_loader(column, run_config, tokenizer, model.config)
         results[dataset, split_by, split] = result = evaluate(model, loader, device=args.device, output=args.output,
                                                               prompts=prompts, amp_dtype=amp_dtype)
-        print(f"{name}: {len(loader.dataset)} images, {result['n']} expressions, oIoU {result['oIoU']:.2f} "
-              f"mIoU {result['mIoU']:.2f}")
+        result["refs"] = count_refs(loader.dataset)
+        print(f"{name}: {len(loader.dataset)} images, {result['refs']} refs, {result['n']} expressions, "
+              f"oIoU {result['oIoU']:.2f} mIoU {result['mIoU']:.2f}")
     used = model.config.prompts if prompts is None else prompts
     print(f"{args.checkpoint}, output {args.output}" + (f", prompts {','.join(used) or 'none'}"
                                                         if args.output == "mask" else ""))
@@ -641,8 +649,9 @@ def main(argv=None) -> int:
     used = model.config.prompts if prompts is None else prompts
     result = evaluate(model, loader, device=args.device, output=args.output, prompts=prompts, amp_dtype=amp_dtype,
                       vis_dir=args.save_vis, max_vis=args.max_vis if args.save_vis else 0)
-    images = len(loader.dataset)
-    print(f"{args.checkpoint} on {name}: {images} images, {result['n']} expressions, output {args.output}"
+    images, result["refs"] = len(loader.dataset), count_refs(loader.dataset)
+    print(f"{args.checkpoint} on {name}: {images} images, {result['refs']} refs, {result['n']} expressions, "
+          f"output {args.output}"
           + (f", prompts {','.join(used) or 'none'}" if args.output == "mask" else ""))
     print(format_table(result))
     if "reuse_speedup" in result:

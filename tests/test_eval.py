@@ -136,6 +136,7 @@ def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys):
     eval_set = data.RefEvalSet(data.load_refs(str(run_dir.parent / "data"), "synth", "unc"), "val",
                                lambda texts, context_length: torch.zeros(len(texts), context_length))
     assert result["n"] == sum(len(p) for p in eval_set.pairs)  # every sentence of the split, once
+    assert result["refs"] == len(eval_set.data.split_refs("val")) < result["n"]
     assert result["reuse_speedup"] >= 1.0 and result["s_per_expression"] > 0
 
 
@@ -249,7 +250,8 @@ def test_splits_all_evaluates_every_split_like_single_split_runs(run_dir, capsys
                    "--json"])
     seen = last_json(capsys)["splits"]
     assert list(seen) == ["synth/unc/val", "synth/unc/test"]  # Table 2: test = testA + testB
-    assert seen["synth/unc/test"]["n"] == table["splits"]["synth/unc/testA"]["n"] + table["splits"]["synth/unc/testB"]["n"]
+    for key in ("n", "refs"):
+        assert seen["synth/unc/test"][key] == table["splits"]["synth/unc/testA"][key] + table["splits"]["synth/unc/testB"][key]
     with pytest.raises(SystemExit):
         ris_eval.parse_args(["--splits", "all", "--split", "val"])
 
