@@ -107,7 +107,7 @@ class TrainConfig:
     images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2")
     sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2")
     epochs: int = knob(50, "training epochs; one epoch = one pass over the training images (each with b sentences), "
-                       "i.e. images // images-per-batch steps (paper data: ~2,050, an estimate: README)", "§4.2")
+                       "i.e. images // images-per-batch steps (paper data: ~1,800, an estimate: README)", "§4.2")
     stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM)", "§4.2")
     lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2")
     lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2")
