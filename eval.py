@@ -21,6 +21,7 @@ per image). Each evaluation prints its own measured numbers.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -433,6 +434,36 @@ def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, te
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class NumberRange:
+    """argparse `type=` of a numeric flag: a value that is not a number, not finite or outside the range is a
+    one-line usage error naming the flag (exit code 2), never a traceback later in the run."""
+    kind: type = int
+    min: float | None = None  # inclusive bounds
+    max: float | None = None
+    above: float | None = None  # exclusive bounds
+    below: float | None = None
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {v}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max), ("<", self.below))
+                  if v is not None]
+        return ("an integer" if self.kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
+
+    def __contains__(self, value) -> bool:
+        return (not (isinstance(value, float) and not math.isfinite(value))  # inf passes a lower bound
+                and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = math.nan
+        if value not in self:
+            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
+        return value
+
+
 TABLE_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "ImgAcc", "InstAcc")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -493,8 +524,12 @@ def build_loader(args, run_config: dict, tokenizer: Tokenizer, config: PromptRIS
                                        num_workers=args.workers, collate_fn=collate), name
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a Prompt-RIS run (§4.1 metrics) or segment one image.")
+
+    def number(flag: str, allowed: NumberRange, help: str, **kwargs):
+        p.add_argument(flag, type=allowed, help=f"{help} [{allowed}]", **kwargs)
+
     p.add_argument("--checkpoint", default="runs/demo",
                    help="run directory (config.json + model.safetensors, written by train.py) or its model.safetensors")
     p.add_argument("--data-root", help="DATA_ROOT of the refer layout (default: the run's data root)")
@@ -508,17 +543,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Table 3: final SAM mask, or the CLIP-only coarse mask")
     p.add_argument("--prompts", help="Table 5: prompts given to SAM, a subset of mask,point,text or none "
                                      "(default: the run's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (all their sentences)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    number("--batch-size", NumberRange(int, min=1), "images per batch (all their sentences)", default=4)
+    number("--workers", NumberRange(int, min=0), "DataLoader worker processes", default=0)
+    number("--max-images", NumberRange(int, min=1), "evaluate only the first N images (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="also print the result as JSON (last line)")
     p.add_argument("--save-vis", metavar="DIR", help="save Fig. 4-style panels of the first --max-vis expressions")
-    p.add_argument("--max-vis", type=int, default=8)
+    number("--max-vis", NumberRange(int, min=0), "panels saved by --save-vis", default=8)
     p.add_argument("--image", help="segment one image instead (with --text, writes --out)")
     p.add_argument("--text", help="referring expression for --image")
     p.add_argument("--out", default="pred.png", help="panel written for --image")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")

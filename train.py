@@ -47,7 +47,7 @@ from tqdm import tqdm
 import data
 import synth
 from clip_vit import Tokenizer
-from eval import evaluate
+from eval import NumberRange, evaluate
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 
@@ -59,7 +59,8 @@ _MODEL_DEFAULTS = PromptRISConfig()  # prompt dropout and Gumbel temperature liv
 
 
 def knob(default, help: str, section: str = "", **argparse_kwargs):
-    """A TrainConfig field: its default, help text, the paper section it comes from, argparse extras."""
+    """A TrainConfig field: its default, help text, the paper section it comes from, argparse extras; a numeric
+    knob's allowed range as min= / max= (inclusive) and above= / below= (exclusive), checked at parse time."""
     return field(default=default, metadata={"help": help, "section": section, **argparse_kwargs})
 
 
@@ -83,32 +84,34 @@ class TrainConfig:
                          "removed; name or name:split_by (default splits unc, unc, umd)", "§4.2")
     val_dataset: str = knob("refcoco", "validation set (name or name:split_by)", "§4.1")
     val_split: str = knob("val", "validation split", "§4.1")
-    val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)")
+    val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)", min=0)
     # -- model (sizes and the ablation switches of Tables 3-5) --
-    clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2")
-    sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2")
-    n_prompts: int = knob(16, "prompt tokens n per layer and direction", "§4.2")
+    clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2", min=16)
+    sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2", min=16)
+    n_prompts: int = knob(16, "prompt tokens n per layer and direction", "§4.2", min=1)
     cmp: str = knob("both", "Cross-Modal Prompting: both | v2l | l2v | none", "Table 4",
                     choices=("both", "v2l", "l2v", "none"))
     prompts: str = knob("mask,point,text", "prompt types given to SAM", "Table 5")
     use_sam: bool = knob(True, "train and evaluate the SAM branch (--no-use-sam: coarse mask only)", "Table 3")
     prompt_dropout: float = knob(_MODEL_DEFAULTS.prompt_dropout, "drop rate of each prompt type in training "
-                                 "(rate not given in the paper)", "§4.2")
-    gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)")
+                                 "(rate not given in the paper)", "§4.2", min=0, below=1)
+    gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)", above=0)
     train_towers: bool | None = knob(None, "also train the CLIP and SAM towers; default: only when no official "
                                      "weights are given (random towers must learn)", "§3.1")
     # -- optimisation --
-    images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2")
-    sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2")
-    epochs: int = knob(50, "training epochs", "§4.2")
-    stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM)", "§4.2")
-    lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2")
-    lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2")
-    warmup_steps: int = knob(0, "linear warm-up steps (not in the paper)")
-    weight_decay: float = knob(0.01, "AdamW weight decay (not given; PyTorch's AdamW default)")
-    grad_clip: float = knob(0.0, "clip the gradient norm at this value (0 = off; not in the paper)")
+    images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2", min=1)
+    sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2", min=1)
+    epochs: int = knob(50, "training epochs", "§4.2", min=1)
+    stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM); "
+                              "at most --epochs (equal: a stage-1-only run)", "§4.2", min=0)
+    lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2", above=0)
+    lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2", min=0)
+    warmup_steps: int = knob(0, "linear warm-up steps (not in the paper)", min=0)
+    weight_decay: float = knob(0.01, "AdamW weight decay (not given; PyTorch's AdamW default)", min=0)
+    grad_clip: float = knob(0.0, "clip the gradient norm at this value (0 = off; not in the paper)", min=0)
     # -- running for days --
-    seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)")
+    seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)",
+                     min=0, max=2**32 - 1)  # numpy's seed range
     device: str = knob("auto", "cpu | cuda | cuda:N | auto")
     dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", "bfloat16", "float32"))
@@ -116,16 +119,16 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model")
     cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM "
                                  "only), keyed by image id + SAM weights hash", type=str)
-    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)")
+    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)", min=0)
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
-                        "from a second thread, which only spins and slows down on a busy machine")
+                        "from a second thread, which only spins and slows down on a busy machine", min=0)
     resume: bool = knob(False, "continue the run in --out from ckpt.pt (weights, optimizer, step, sampler "
                         "position, RNG states); flags not given are taken from its config.json")
     max_steps: int = knob(0, "stop after this global step (0 = run all epochs); the LR schedule still "
-                          "spans all epochs, so a stopped run resumes exactly")
-    save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)")
-    eval_every: int = knob(0, "validate every N steps (0 = only at the end)")
-    log_every: int = knob(10, "write a log.jsonl line every N steps")
+                          "spans all epochs, so a stopped run resumes exactly", min=0)
+    save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)", min=1)
+    eval_every: int = knob(0, "validate every N steps (0 = only at the end)", min=0)
+    log_every: int = knob(10, "write a log.jsonl line every N steps", min=1)
 
 
 def demo_preset() -> TrainConfig:
@@ -156,6 +159,9 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
         if f.type.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text.replace("%", "%%"))
+        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
+            allowed = NumberRange(int if f.type == "int" else float, **meta)
+            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
         else:
             kind = meta.pop("type", type(default))
             parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
@@ -185,9 +191,21 @@ def parse_args(argv=None) -> TrainConfig:
         if unknown or "train" not in saved:
             raise ValueError(f"{os.path.join(out, 'config.json')}: no 'train' entry or unknown keys {unknown}")
         defaults = replace(TrainConfig(**saved["train"]), **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
-    args = build_parser(defaults).parse_args(argv)
-    tc = TrainConfig(**vars(args))
+    parser = build_parser(defaults)
+    tc = TrainConfig(**vars(parser.parse_args(argv)))
+    conflict = flag_conflict(tc)
+    if conflict:
+        parser.error(conflict)
     return tc if tc.config != "auto" else replace(tc, config=preset)
+
+
+def flag_conflict(tc: TrainConfig) -> str | None:
+    """What flags contradict each other, checked before any work (divisibility of --images-per-batch by the
+    number of processes is checked when they start)."""
+    if tc.use_sam and tc.stage1_epochs > tc.epochs:
+        return (f"--stage1-epochs {tc.stage1_epochs} > --epochs {tc.epochs}: stage 2 (§4.2) would never run; "
+                f"--stage1-epochs {tc.epochs} trains stage 1 only, --no-use-sam the coarse mask alone")
+    return None
 
 
 def _read_json(path: str, why: str) -> dict:
