@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from safetensors import SafetensorError, safe_open
 
 from clip_vit import Tokenizer
 from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
@@ -379,6 +380,38 @@ def _run_files(path) -> tuple[str, str]:
     raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
 
 
+BEST_WEIGHTS = "best.safetensors"  # train.py --keep-best: the weights of the run's best validation
+
+
+def read_best(path: str) -> dict | None:
+    """The record {"step", "metric", "score", "expressions"} that train.py writes into best.safetensors' header."""
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return json.loads(metadata["best"]) if "best" in metadata else None
+
+
+def run_weights(path, choice: str | None = None) -> tuple[str, str]:
+    """(weights file, what it holds) of a run directory: --weights best (best.safetensors) or last
+    (model.safetensors); by default best when the run has it. A file path is used as it is."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if choice is not None and os.path.isfile(path):
+            raise ValueError(f"--weights {choice} chooses a file of a run directory; --checkpoint {path} is a file")
+        return path, "the given file"
+    best, last = os.path.join(path, BEST_WEIGHTS), os.path.join(path, "model.safetensors")
+    if choice == "best" and not os.path.isfile(best):
+        raise FileNotFoundError(f"--weights best: {best} not found; train.py writes it at a validation that beats "
+                                "the run's best (not with --keep-best none); --weights last takes model.safetensors")
+    if choice == "best" or (choice is None and os.path.isfile(best)):
+        record = read_best(best)
+        return best, "the best validation of the run" + (
+            f" ({record['metric']} {record['score']:.2f} at step {record['step']})" if record else "")
+    return last, "the last weights of the run" + ("" if choice else f" (it has no {BEST_WEIGHTS})")
+
+
 def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
     """A trained model from a run directory written by train.py (or its model.safetensors).
 
@@ -531,7 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=allowed, help=f"{help} [{allowed}]", **kwargs)
 
     p.add_argument("--checkpoint", default="runs/demo",
-                   help="run directory (config.json + model.safetensors, written by train.py) or its model.safetensors")
+                   help="run directory (config.json + model.safetensors, written by train.py) or one of its "
+                        ".safetensors files")
+    p.add_argument("--weights", choices=("best", "last"),
+                   help=f"of a run directory: its {BEST_WEIGHTS} (the best validation, train.py --keep-best) or "
+                        "model.safetensors (the last weights); default: best when the run has it, else last")
     p.add_argument("--data-root", help="DATA_ROOT of the refer layout (default: the run's data root)")
     p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth, or name:split_by "
                                      "(default: the run's validation set)")
@@ -569,7 +606,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = parse_prompts(args.prompts)
     amp_dtype = AMP_DTYPES[args.amp]
-    model, tokenizer, run_config = load_run(args.checkpoint, args.device)
+    weights, held = run_weights(args.checkpoint, args.weights)
+    model, tokenizer, run_config = load_run(weights, args.device)
+    print(f"weights: {weights}, {held}")
 
     if args.image is not None:
         if not os.path.isfile(args.image):
@@ -603,7 +642,7 @@ def main(argv=None) -> int:
     if args.save_vis:
         print(f"panels of the first {min(args.max_vis, result['n'])} expressions in {args.save_vis}")
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": name, "output": args.output,
+        print(json.dumps({"checkpoint": args.checkpoint, "weights": weights, "data": name, "output": args.output,
                           "prompts": list(used), **result}))
     return 0
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import data
 import synth
 from clip_vit import Tokenizer
-from eval import NumberRange, evaluate
+from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 
@@ -128,6 +128,9 @@ class TrainConfig:
                           "spans all epochs, so a stopped run resumes exactly", min=0)
     save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)", min=1)
     eval_every: int = knob(0, "validate every N steps (0 = only at the end)", min=0)
+    keep_best: str = knob("oIoU", "score of each validation whose best writes best.safetensors and metrics.json's "
+                          "'best' (as LAVT and CGFormer; CRIS keeps the best mIoU; the paper does not say); none: "
+                          "only the last weights", choices=("oIoU", "mIoU", "none"))
     log_every: int = knob(10, "write a log.jsonl line every N steps", min=1)
 
 
@@ -247,7 +250,7 @@ def main(argv=None) -> dict:
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)
-    periodic_val = val_set if not tc.val_images else Subset(val_set, range(min(tc.val_images, len(val_set))))
+    periodic_val = periodic_val_set(val_set, tc)
 
     # -- optimizer (§4.2): AdamW over what trains; the LR is a function of the step (nothing to save) --
     params = raw_model.trainable_parameters()
@@ -258,6 +261,7 @@ def main(argv=None) -> dict:
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
         state = restore(ckpt, raw_model, optimizer, procs, tc.out)
+        state.best = resumed_best(state, tc, log)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
             f"{schedule.steps_per_epoch})")
     else:
@@ -289,6 +293,8 @@ def main(argv=None) -> dict:
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
                     f"oIoU {metrics['oIoU']:.2f}")
                 log.json({"step": state.step, "val": metrics})
+                if stage == schedule.final_stage:  # in stage 1 the score is the coarse mask's, not the output's
+                    keep_best(raw_model, metrics, state, tc, log)
             if state.step >= schedule.max_steps:
                 break
     pbar.close()
@@ -548,7 +554,8 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
         atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
-            "untrained": state.untrained, "model_config": model.config.to_dict(), "train_config": asdict(tc)}, f))
+            "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
+            "train_config": asdict(tc)}, f))
     state.last_saved = state.step
 
 
@@ -565,7 +572,8 @@ def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str)
     set_rng_state(ckpt["rng"][procs.rank])
     if procs.master:  # log lines after the checkpoint belong to the lost part of the run
         _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
-    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"])
+    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"],
+                      ckpt.get("best"))  # checkpoints written before --keep-best have none
 
 
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
@@ -587,10 +595,42 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def save_run_model(model: PromptRIS, path: str) -> None:
-    """model.safetensors: the full PromptRIS state dict (CLIP and SAM included), for eval.load_run."""
+def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) -> None:
+    """model.safetensors (or best.safetensors): the full PromptRIS state dict (CLIP and SAM included), for
+    eval.load_run; `metadata` {str: str} goes into the file's header."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: f.write(safetensors_bytes(state)))
+    atomic_write(path, lambda f: f.write(safetensors_bytes(state, metadata)))
+
+
+def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfig, log: "RunLog") -> None:
+    """best.safetensors beside model.safetensors when this validation's --keep-best score beats every earlier
+    validation of the run's final output (untrained and stage-1 scores excluded); LAVT, CGFormer and CRIS report
+    that checkpoint.
+    Its record {"step", "metric", "score", "expressions"} is kept in TrainState and the file's header."""
+    score = metrics[tc.keep_best] if tc.keep_best != "none" else None
+    if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
+        return
+    best = {"step": state.step, "metric": tc.keep_best, "score": score, "expressions": metrics["n"]}
+    save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
+    state.best = best
+    log(f"step {state.step}: best val {tc.keep_best} so far ({best['score']:.2f}), saved as {BEST_WEIGHTS}")
+
+
+def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | None:
+    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written at the
+    checkpoint's step (its validation follows the save) or after it (in the part of the run now replayed): then
+    the file's own record, so the record always describes the file. None when --keep-best now names another
+    score (a none run also drops the file, which eval.py would otherwise take)."""
+    path = os.path.join(tc.out, BEST_WEIGHTS)
+    on_disk = read_best(path) if os.path.isfile(path) else None
+    best = on_disk if on_disk is not None and on_disk["step"] >= state.step else state.best
+    if best is not None and best["metric"] != tc.keep_best:
+        log(f"--keep-best {tc.keep_best}: the run kept its best by {best['metric']} so far; that record is dropped")
+        if tc.keep_best == "none" and log.master:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return None
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +779,7 @@ class TrainState:
     batch_in_epoch: int = 0
     untrained: dict | None = None  # val metrics before training (fresh runs)
     last_saved: int = 0
+    best: dict | None = None  # the best validation so far (--keep-best): {"step", "metric", "score", "expressions"}
 
     def advance(self, steps_per_epoch: int) -> None:
         self.step += 1
@@ -805,18 +846,31 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
                      procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
-    """model.safetensors, the whole validation split, metrics.json (rank 0)."""
+    """model.safetensors, the whole validation split, the best weights (--keep-best), metrics.json (rank 0)."""
     save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-    result = {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(procs.device)}
-    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-        json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
     untrained = state.untrained["mIoU"] if state.untrained else float("nan")
     log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
         f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+    if tc.keep_best != "none":  # compared on the images the periodic validations score (--val-images)
+        periodic = periodic_val_set(val_set, tc)
+        keep_best(model, metrics if periodic is val_set else validate(model, periodic, schedule.final_stage, tc,
+                                                                       procs, amp_dtype), state, tc, log)
+        best = state.best
+        log(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
+            f"expressions): {BEST_WEIGHTS}, what eval.py evaluates by default (--weights last: the last weights)")
+    result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started,
+              "peak_memory_mb": peak_memory_mb(procs.device)}
+    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+        json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
     log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
         f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
     return result
+
+
+def periodic_val_set(val_set, tc: TrainConfig):
+    """What --eval-every validates: the first --val-images images of the validation split, or all of it."""
+    return val_set if not tc.val_images or tc.val_images >= len(val_set) else Subset(val_set, range(tc.val_images))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,7 +885,7 @@ class RunLog:
         self.images_since_log = 0
         os.makedirs(out, exist_ok=True)
         if master and fresh:  # a fresh run in an old directory starts fresh logs
-            for name in ("train.log", "log.jsonl", "metrics.json"):
+            for name in ("train.log", "log.jsonl", "metrics.json", BEST_WEIGHTS):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
 
