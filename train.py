@@ -82,6 +82,9 @@ class TrainConfig:
                                  "data there when absent", "§4.1", type=str)
     datasets: str = knob("refcoco,refcoco+,refcocog", "training sets, combined with every val/test image "
                          "removed; name or name:split_by (default splits unc, unc, umd)", "§4.2")
+    hold_out_other_partition: bool = knob(True, "also remove from training the val/test images of G-Ref's other "
+                                          "partition (google when training on umd, and vice versa) when its refs "
+                                          "file is present; off, a val(G) score is not held out", "§4.2")
     val_dataset: str = knob("refcoco", "validation set (name or name:split_by)", "§4.1")
     val_split: str = knob("val", "validation split", "§4.1")
     val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)", min=0)
@@ -246,7 +249,8 @@ def main(argv=None) -> dict:
     log.run_header(tc, raw_model, train_towers, procs, amp_dtype)
 
     # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
-    train_set, val_set = build_data(tc, tokenizer, procs.master)
+    train_set, val_set, held_out = build_data(tc, tokenizer, procs.master)
+    log.held_out(held_out)  # how many images and refs each training set lost to the hold-out, and why
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)
@@ -400,7 +404,8 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
 
 
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
-    """(train set, val set) from the refer-API layout; the demo's built-in data is written first."""
+    """(train set, val set, hold-out report) from the refer-API layout; the demo's built-in data is written first.
+    The report (hold_out_report) says how many images and refs each training set lost to the hold-out, and why."""
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
     if all(name == "synth" for name, _ in specs + [val_spec]):
         if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
@@ -409,17 +414,41 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
             synth.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
         barrier()  # other ranks wait for the data
     loaded = {spec: data.load_refs(tc.data_root, *spec) for spec in dict.fromkeys(specs + [val_spec])}
-    # §4.2: no evaluation image is trained on, those of the validation set and of G-Ref's other partition
-    # included (umd and google split the same refs differently; the paper reports both)
-    other_gref = [("refcocog", other) for name, split_by in specs if name == "refcocog"
-                  for other in ("umd", "google") if other != split_by and data.has_refs(tc.data_root, "refcocog", other)]
-    held_out = [loaded[val_spec]] + [data.load_refs(tc.data_root, *spec) for spec in other_gref]
+    # §4.2: no evaluation image is trained on: every val/test image of the training sets and of the validation
+    # set leaves training, and with --hold-out-other-partition those of G-Ref's other partition (umd and google
+    # split the same images differently; the paper reports both), when its refs file is present
+    partitions = {("refcocog", other): data.load_refs(tc.data_root, "refcocog", other)
+                  for name, split_by in specs if name == "refcocog" for other in ("umd", "google")
+                  if ("refcocog", other) not in loaded and data.has_refs(tc.data_root, "refcocog", other)}
+    held_out = [loaded[val_spec]] + (list(partitions.values()) if tc.hold_out_other_partition else [])
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
                                  held_out_from=held_out)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size)
-    return train_set, val_set
+    return train_set, val_set, hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)
+
+
+def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_partitions: bool) -> dict:
+    """{"name:split_by": data.hold_out_counts} per training set: its train images and refs, those removed per
+    reason (an image counts under its first reason, so G-Ref's other partition, last, shows what holding it out
+    costs), those kept; with --no-hold-out-other-partition, "not_held_out": what it trains on of that partition."""
+    label = ":".join
+    eval_ids = {spec: data.eval_image_ids(d) for spec, d in (loaded | partitions).items()}
+    other_partitions = [(f"G-Ref {split_by} val/test", eval_ids[(name, split_by)]) for name, split_by in partitions]
+    report = {}
+    for spec in dict.fromkeys(specs):
+        sources = [("val/test of the same dataset", eval_ids[spec])]
+        if val_spec != spec:
+            sources.append((f"val/test of {label(val_spec)}, the validation set", eval_ids[val_spec]))
+        sources += [(f"val/test of {label(o)}, another training set", eval_ids[o])
+                    for o in dict.fromkeys(specs) if o not in (spec, val_spec)]
+        counts = data.hold_out_counts(loaded[spec], sources + other_partitions if hold_out_partitions else sources)
+        if not hold_out_partitions and other_partitions:
+            removed = data.hold_out_counts(loaded[spec], sources + other_partitions)["removed"]
+            counts["not_held_out"] = {reason: removed[reason] for reason, _ in other_partitions}
+        report[label(spec)] = counts
+    return report
 
 
 def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> list[list[int]]:
@@ -858,7 +887,7 @@ def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: Train
                                                                        procs, amp_dtype), state, tc, log)
         best = state.best
         log(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
-            f"expressions): {BEST_WEIGHTS}, what eval.py evaluates by default (--weights last: the last weights)")
+            f"expressions): {BEST_WEIGHTS}, eval.py's default (--weights last: model.safetensors)")
     result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started,
               "peak_memory_mb": peak_memory_mb(procs.device)}
     with open(os.path.join(tc.out, "metrics.json"), "w") as f:
@@ -882,6 +911,7 @@ class RunLog:
     def __init__(self, out: str, master: bool, fresh: bool):
         self.out, self.master = out, master
         self.started = self.t_log = time.time()
+        self.run_config: dict = {}  # config.json
         self.images_since_log = 0
         os.makedirs(out, exist_ok=True)
         if master and fresh:  # a fresh run in an old directory starts fresh logs
@@ -908,10 +938,26 @@ class RunLog:
         self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
              "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
                                             "prompter train")
+        self.run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
+        self.write_config()
+
+    def write_config(self) -> None:
         if self.master:
-            run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
             atomic_write(os.path.join(self.out, "config.json"),
-                         lambda f: f.write(json.dumps(run_config, indent=1).encode()))
+                         lambda f: f.write(json.dumps(self.run_config, indent=1).encode()))
+
+    def held_out(self, report: dict) -> None:
+        """build_data's hold-out report (§4.2) per training set, in train.log and config.json ("held_out")."""
+        for name, c in report.items():
+            removed = ", ".join(f"{n['images']} images / {n['refs']} refs ({reason})"
+                                for reason, n in c["removed"].items())
+            self(f"{name} train: {c['images']} images, {c['refs']} refs; held out {removed}; trained on "
+                 f"{c['kept']['images']} images, {c['kept']['refs']} refs")
+            for reason, n in c.get("not_held_out", {}).items():
+                self(f"{name} train: {n['images']} images / {n['refs']} refs of {reason} are trained on "
+                     f"(--no-hold-out-other-partition): a score on that partition is not held out")
+        self.run_config["held_out"] = report
+        self.write_config()
 
     def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, tc: TrainConfig,
              schedule: Schedule) -> None:

@@ -6,6 +6,7 @@ stays within a few minutes on 2 CPU cores.
 """
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -94,6 +95,7 @@ def test_run_directory_loads_back_with_eval(micro_root, tmp_path):
     trained = load_file(os.path.join(out, "model.safetensors"))
     assert_bitwise_equal(trained, {k: v for k, v in model.state_dict().items() if k in trained})
     assert run_config["train"]["max_steps"] == 1 and run_config["vocab"] is None
+    assert run_config["held_out"]["synth:unc"]["kept"] == {"images": 8, "refs": 22}  # synth: one split per image
 
 
 # ---- resume ----
@@ -149,6 +151,59 @@ def test_resume_without_flags_takes_the_run_config(micro_root, tmp_path):
     train.main(micro_args(micro_root, out, "--max-steps", "1"))
     tc = train.parse_args(["--resume", "--out", str(out)])
     assert (tc.clip_size, tc.images_per_batch, tc.data_root, tc.max_steps) == (32, 4, micro_root, 0)
+
+
+# ---- what the hold-out of evaluation images takes from training ----
+
+
+def write_gref(root, micro_root) -> tuple[list, int]:
+    """G-Ref's two partitions over the same images: umd = the micro synth split; google's val holds two umd train
+    images, one with all its refs and one through a single ref (google splits objects, not images), and its train
+    the umd val/test images. Returns (the two images, how many umd train refs they carry)."""
+    folder = root / "refcocog"
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(micro_root, "synth", "instances.json"), folder)
+    with open(os.path.join(micro_root, "synth", "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    with open(folder / "refs(umd).p", "wb") as f:
+        pickle.dump(refs, f)
+    a, b = sorted({r["image_id"] for r in refs if r["split"] == "train"})[:2]
+    one_of_b = next(r["ref_id"] for r in refs if r["image_id"] == b)
+    google = [dict(r, split="val" if r["image_id"] == a or r["ref_id"] == one_of_b else "train") for r in refs]
+    with open(folder / "refs(google).p", "wb") as f:
+        pickle.dump(google, f)
+    return [a, b], sum(r["split"] == "train" and r["image_id"] in (a, b) for r in refs)
+
+
+@pytest.mark.parametrize("hold_out", [True, False])
+def test_gref_other_partition_hold_out_is_a_choice_and_its_cost_is_logged(micro_root, tmp_path, hold_out):
+    images, refs = write_gref(tmp_path, micro_root)
+    out = tmp_path / "run"
+    flag = "--hold-out-other-partition" if hold_out else "--no-hold-out-other-partition"
+    tc = train.parse_args(micro_args(str(tmp_path), out, "--datasets", "refcocog", "--val-dataset", "refcocog", flag))
+    train_set, _, report = train.build_data(tc, train.Tokenizer(None), master=True)
+    log = train.RunLog(str(out), master=True, fresh=True)
+    log.held_out(report)  # what main does right after build_data
+
+    counts, google = report["refcocog:umd"], {"images": 2, "refs": refs}
+    assert (counts["images"], counts["refs"]) == (8, 22)  # the micro synth train split
+    assert counts["removed"]["val/test of the same dataset"] == {"images": 0, "refs": 0}
+    lines = (out / "train.log").read_text().splitlines()
+    if hold_out:
+        assert counts["removed"]["G-Ref google val/test"] == google and "not_held_out" not in counts
+        assert counts["kept"] == {"images": 6, "refs": 22 - refs}
+        assert not set(images) & set(train_set.image_ids)
+        assert lines == [f"refcocog:umd train: 8 images, 22 refs; held out 0 images / 0 refs (val/test of the same "
+                         f"dataset), 2 images / {refs} refs (G-Ref google val/test); trained on 6 images, "
+                         f"{22 - refs} refs"]
+    else:
+        assert list(counts["removed"]) == ["val/test of the same dataset"]
+        assert counts["not_held_out"] == {"G-Ref google val/test": google}
+        assert counts["kept"] == {"images": 8, "refs": 22} and set(images) <= set(train_set.image_ids)
+        assert lines[1] == (f"refcocog:umd train: 2 images / {refs} refs of G-Ref google val/test are trained on "
+                            "(--no-hold-out-other-partition): a score on that partition is not held out")
+    assert len(train_set) == counts["kept"]["images"]
+    assert json.load(open(out / "config.json"))["held_out"] == report
 
 
 # ---- the best checkpoint (--keep-best) ----
@@ -356,7 +411,7 @@ def micro_model(root, *extra):
 
 def micro_batch(root, tc, images):
     tokenizer = train.Tokenizer(None)
-    train_set, _ = train.build_data(tc, tokenizer, master=True)
+    train_set, _, _ = train.build_data(tc, tokenizer, master=True)
     return data.collate([train_set[i] for i in images])
 
 
