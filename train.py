@@ -633,9 +633,8 @@ def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) ->
 
 def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfig, log: "RunLog") -> None:
     """best.safetensors beside model.safetensors when this validation's --keep-best score beats every earlier
-    validation of the run's final output (untrained and stage-1 scores excluded); LAVT, CGFormer and CRIS report
-    that checkpoint.
-    Its record {"step", "metric", "score", "expressions"} is kept in TrainState and the file's header."""
+    validation of the run's final output (untrained and stage-1 scores excluded), the checkpoint LAVT, CGFormer
+    and CRIS report. Its record {"step", "metric", "score", "expressions"} goes into TrainState and the file."""
     score = metrics[tc.keep_best] if tc.keep_best != "none" else None
     if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
         return
