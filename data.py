@@ -502,7 +502,7 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
     extra positives for instance contrastive learning (§3.3). A ref given twice (G-Ref's umd and
     google partitions hold the same refs) is kept once.
     """
-    held_out = {r["image_id"] for d in (*datas, *held_out_from) for r in d.refs if r["split"] != split}
+    held_out = set().union(*(eval_image_ids(d, split) for d in (*datas, *held_out_from)))
     refs, anns, images, categories, seen = [], {}, {}, {}, set()
     for d in datas:
         kept = [r for r in d.refs if r["split"] == split and r["image_id"] not in held_out
@@ -514,6 +514,29 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
         categories.update(d.categories)
     name = ",".join(d.dataset for d in datas)
     return RefData(name, ",".join(d.split_by for d in datas), refs, anns, images, categories)
+
+
+def eval_image_ids(data: RefData, split: str = "train") -> set[int]:
+    """Images of every split of `data` other than `split`: those the training hold-out removes (§4.2)."""
+    return {r["image_id"] for r in data.refs if r["split"] != split}
+
+
+def hold_out_counts(data: RefData, sources: Sequence[tuple[str, Collection[int]]], split: str = "train") -> dict:
+    """What holding out images costs the `split` of one dataset, per reason, as combine_for_training removes them.
+
+    sources: (reason, image ids) in order; an image held out for several reasons counts under the first.
+    Returns {"images", "refs": the split's totals, "removed": {reason: {"images", "refs"}}, "kept": {...}}.
+    """
+    refs = [r for r in data.refs if r["split"] == split]
+    removed, taken = {}, set()
+    for reason, image_ids in sources:
+        lost = [r for r in refs if r["image_id"] in image_ids and r["image_id"] not in taken]
+        images = {r["image_id"] for r in lost}
+        taken |= images
+        removed[reason] = {"images": len(images), "refs": len(lost)}
+    kept = [r for r in refs if r["image_id"] not in taken]
+    return {"images": len({r["image_id"] for r in refs}), "refs": len(refs), "removed": removed,
+            "kept": {"images": len({r["image_id"] for r in kept}), "refs": len(kept)}}
 
 
 def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:

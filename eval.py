@@ -23,6 +23,7 @@ per image). Each evaluation prints its own measured numbers.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from safetensors import SafetensorError, safe_open
 
 from clip_vit import Tokenizer
 from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
@@ -380,6 +382,38 @@ def _run_files(path) -> tuple[str, str]:
     raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
 
 
+BEST_WEIGHTS = "best.safetensors"  # train.py --keep-best: the weights of the run's best validation
+
+
+def read_best(path: str) -> dict | None:
+    """The record {"step", "metric", "score", "expressions"} that train.py writes into best.safetensors' header."""
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return json.loads(metadata["best"]) if "best" in metadata else None
+
+
+def run_weights(path, choice: str | None = None) -> tuple[str, str]:
+    """(weights file, what it holds) of a run directory: --weights best (best.safetensors) or last
+    (model.safetensors); by default best when the run has it. A file path is used as it is."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if choice is not None and os.path.isfile(path):
+            raise ValueError(f"--weights {choice} chooses a file of a run directory; --checkpoint {path} is a file")
+        return path, "the given file"
+    best, last = os.path.join(path, BEST_WEIGHTS), os.path.join(path, "model.safetensors")
+    if choice == "best" and not os.path.isfile(best):
+        raise FileNotFoundError(f"--weights best: {best} not found; train.py writes it at a validation that beats "
+                                "the run's best (not with --keep-best none); --weights last takes model.safetensors")
+    if choice == "best" or (choice is None and os.path.isfile(best)):
+        record = read_best(best)
+        return best, "the best validation of the run" + (
+            f" ({record['metric']} {record['score']:.2f} at step {record['step']})" if record else "")
+    return last, "the last weights of the run" + ("" if choice else f" (it has no {BEST_WEIGHTS})")
+
+
 def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
     """A trained model from a run directory written by train.py (or its model.safetensors).
 
@@ -434,6 +468,36 @@ def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, te
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NumberRange:
+    """argparse `type=` of a numeric flag: a value that is not a number, not finite or outside the range is a
+    one-line usage error naming the flag (exit code 2), never a traceback later in the run."""
+    kind: type = int
+    min: float | None = None  # inclusive bounds
+    max: float | None = None
+    above: float | None = None  # exclusive bounds
+    below: float | None = None
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {v}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max), ("<", self.below))
+                  if v is not None]
+        return ("an integer" if self.kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
+
+    def __contains__(self, value) -> bool:
+        return (not (isinstance(value, float) and not math.isfinite(value))  # inf passes a lower bound
+                and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = math.nan
+        if value not in self:
+            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
+        return value
+
 
 TABLE_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "ImgAcc", "InstAcc")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -580,10 +644,18 @@ def evaluate_table(args, model: PromptRIS, tokenizer: Tokenizer, run_config: dic
     return 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a Prompt-RIS run (§4.1 metrics) or segment one image.")
+
+    def number(flag: str, allowed: NumberRange, help: str, **kwargs):
+        p.add_argument(flag, type=allowed, help=f"{help} [{allowed}]", **kwargs)
+
     p.add_argument("--checkpoint", default="runs/demo",
-                   help="run directory (config.json + model.safetensors, written by train.py) or its model.safetensors")
+                   help="run directory (config.json + model.safetensors, written by train.py) or one of its "
+                        ".safetensors files")
+    p.add_argument("--weights", choices=("best", "last"),
+                   help=f"of a run directory: its {BEST_WEIGHTS} (the best validation, train.py --keep-best) or "
+                        "model.safetensors (the last weights); default: best when the run has it, else last")
     p.add_argument("--data-root", help="DATA_ROOT of the refer layout (default: the run's data root)")
     p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth, or name:split_by "
                                      "(default: the run's validation set)")
@@ -600,17 +672,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --no-use-sam (evaluated with --output coarse)")
     p.add_argument("--prompts", help="Table 5: prompts given to SAM, a subset of mask,point,text or none "
                                      "(default: the run's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (all their sentences)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    number("--batch-size", NumberRange(int, min=1), "images per batch (all their sentences)", default=4)
+    number("--workers", NumberRange(int, min=0), "DataLoader worker processes", default=0)
+    number("--max-images", NumberRange(int, min=1), "evaluate only the first N images (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="also print the result as JSON (last line)")
     p.add_argument("--save-vis", metavar="DIR", help="save Fig. 4-style panels of the first --max-vis expressions")
-    p.add_argument("--max-vis", type=int, default=8)
+    number("--max-vis", NumberRange(int, min=0), "panels saved by --save-vis", default=8)
     p.add_argument("--image", help="segment one image instead (with --text, writes --out)")
     p.add_argument("--text", help="referring expression for --image")
     p.add_argument("--out", default="pred.png", help="panel written for --image")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
@@ -625,7 +702,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = parse_prompts(args.prompts)
     amp_dtype = AMP_DTYPES[args.amp]
-    model, tokenizer, run_config = load_run(args.checkpoint, args.device)
+    weights, held = run_weights(args.checkpoint, args.weights)
+    model, tokenizer, run_config = load_run(weights, args.device)
+    print(f"weights: {weights}, {held}")
 
     if args.image is not None:
         if not os.path.isfile(args.image):
@@ -662,7 +741,7 @@ def main(argv=None) -> int:
     if args.save_vis:
         print(f"panels of the first {min(args.max_vis, result['n'])} expressions in {args.save_vis}")
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": name, "output": args.output,
+        print(json.dumps({"checkpoint": args.checkpoint, "weights": weights, "data": name, "output": args.output,
                           "prompts": list(used), **result}))
     return 0
 

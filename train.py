@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data
 import synth
 from clip_vit import Tokenizer
-from eval import evaluate
+from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 
@@ -60,7 +60,8 @@ _MODEL_DEFAULTS = PromptRISConfig()  # prompt dropout and Gumbel temperature liv
 
 
 def knob(default, help: str, section: str = "", **argparse_kwargs):
-    """A TrainConfig field: its default, help text, the paper section it comes from, argparse extras."""
+    """A TrainConfig field: its default, help text, the paper section it comes from, argparse extras; a numeric
+    knob's allowed range as min= / max= (inclusive) and above= / below= (exclusive), checked at parse time."""
     return field(default=default, metadata={"help": help, "section": section, **argparse_kwargs})
 
 
@@ -82,16 +83,19 @@ class TrainConfig:
                                  "data there when absent", "§4.1", type=str)
     datasets: str = knob("refcoco,refcoco+,refcocog", "training sets, combined with every val/test image "
                          "removed; name or name:split_by (default splits unc, unc, umd)", "§4.2")
+    hold_out_other_partition: bool = knob(True, "also remove from training the val/test images of G-Ref's other "
+                                          "partition (google when training on umd, and vice versa) when its refs "
+                                          "file is present; off, a val(G) score is not held out", "§4.2")
     val_dataset: str = knob("refcoco", "validation set (name or name:split_by)", "§4.1")
     val_split: str = knob("val", "validation split", "§4.1")
-    val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)")
+    val_images: int = knob(0, "images used by the periodic validation (0 = all; the final one uses all)", min=0)
     seen_only: bool = knob(False, "train on refs of the 48 seen COCO categories only (data.OV_SEEN_CATEGORIES, "
                            "CGFormer's split after OVR-CNN); images stay, refs of other categories are dropped",
                            "§4.1, Table 2")
     # -- model (sizes and the ablation switches of Tables 3-5) --
-    clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2")
-    sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2")
-    n_prompts: int = knob(16, "prompt tokens n per layer and direction", "§4.2")
+    clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2", min=16)
+    sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2", min=16)
+    n_prompts: int = knob(16, "prompt tokens n per layer and direction", "§4.2", min=1)
     cmp: str = knob("both", "Cross-Modal Prompting: both | v2l | l2v | none", "Table 4",
                     choices=("both", "v2l", "l2v", "none"))
     prompts: str = knob("mask,point,text", "prompt types given to SAM", "Table 5")
@@ -99,23 +103,26 @@ class TrainConfig:
     icl: bool = knob(True, "Instance Contrastive Learning: L_icl of Eq. (9) on both masks (--no-icl: Table 3 rows "
                      "1, 2, 4, Table 4, §4.4 w/o ICL)", "§3.3, Table 3")
     prompt_dropout: float = knob(_MODEL_DEFAULTS.prompt_dropout, "drop rate of each prompt type in training "
-                                 "(rate not given in the paper)", "§4.2")
-    gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)")
+                                 "(rate not given in the paper)", "§4.2", min=0, below=1)
+    gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)", above=0)
     train_towers: bool | None = knob(None, "also train the CLIP and SAM towers; default: only when no official "
                                      "weights are given (random towers must learn)", "§3.1")
     # -- optimisation --
-    images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2")
-    sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2")
+    images_per_batch: int = knob(16, "images per global batch (split across DDP ranks)", "§4.2", min=1)
+    sentences_per_image: int = knob(4, "sentences b per image for ICL (batch = images x b)", "§3.3, §4.2", min=1)
     epochs: int = knob(50, "training epochs; one epoch = one pass over the training images (each with b sentences), "
-                       "i.e. images // images-per-batch steps (paper data: ~1,800, an estimate: README)", "§4.2")
-    stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM)", "§4.2")
-    lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2")
-    lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2")
-    warmup_steps: int = knob(0, "linear warm-up steps (not in the paper)")
-    weight_decay: float = knob(0.01, "AdamW weight decay (not given; PyTorch's AdamW default)")
-    grad_clip: float = knob(0.0, "clip the gradient norm at this value (0 = off; not in the paper)")
+                       "i.e. images // images-per-batch steps (paper data: ~1,800, an estimate: README)", "§4.2",
+                       min=1)
+    stage1_epochs: int = knob(20, "first epochs train CLIP + CMP + ICL only (coarse masks, no SAM); "
+                              "at most --epochs (equal: a stage-1-only run)", "§4.2", min=0)
+    lr: float = knob(1e-4, "AdamW initial learning rate", "§4.2", above=0)
+    lr_power: float = knob(0.9, "polynomial decay power: lr * (1 - step / total) ** power", "§4.2", min=0)
+    warmup_steps: int = knob(0, "linear warm-up steps (not in the paper)", min=0)
+    weight_decay: float = knob(0.01, "AdamW weight decay (not given; PyTorch's AdamW default)", min=0)
+    grad_clip: float = knob(0.0, "clip the gradient norm at this value (0 = off; not in the paper)", min=0)
     # -- running for days --
-    seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)")
+    seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)",
+                     min=0, max=2**32 - 1)  # numpy's seed range
     device: str = knob("auto", "cpu | cuda | cuda:N | auto")
     dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", "bfloat16", "float32"))
@@ -123,16 +130,19 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model")
     cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM "
                                  "only), keyed by image id + SAM weights hash", type=str)
-    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)")
+    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)", min=0)
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
-                        "from a second thread, which only spins and slows down on a busy machine")
+                        "from a second thread, which only spins and slows down on a busy machine", min=0)
     resume: bool = knob(False, "continue the run in --out from ckpt.pt (weights, optimizer, step, sampler "
                         "position, RNG states); flags not given are taken from its config.json")
     max_steps: int = knob(0, "stop after this global step (0 = run all epochs); the LR schedule still "
-                          "spans all epochs, so a stopped run resumes exactly")
-    save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)")
-    eval_every: int = knob(0, "validate every N steps (0 = only at the end)")
-    log_every: int = knob(10, "write a log.jsonl line every N steps")
+                          "spans all epochs, so a stopped run resumes exactly", min=0)
+    save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)", min=1)
+    eval_every: int = knob(0, "validate every N steps (0 = only at the end)", min=0)
+    keep_best: str = knob("oIoU", "score of each validation whose best writes best.safetensors and metrics.json's "
+                          "'best' (as LAVT and CGFormer; CRIS keeps the best mIoU; the paper does not say); none: "
+                          "only the last weights", choices=("oIoU", "mIoU", "none"))
+    log_every: int = knob(10, "write a log.jsonl line every N steps", min=1)
 
 
 def demo_preset() -> TrainConfig:
@@ -163,6 +173,9 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
         if f.type.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text.replace("%", "%%"))
+        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
+            allowed = NumberRange(int if f.type == "int" else float, **meta)
+            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
         else:
             kind = meta.pop("type", type(default))
             parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
@@ -192,9 +205,21 @@ def parse_args(argv=None) -> TrainConfig:
         if unknown or "train" not in saved:
             raise ValueError(f"{os.path.join(out, 'config.json')}: no 'train' entry or unknown keys {unknown}")
         defaults = replace(TrainConfig(**saved["train"]), **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
-    args = build_parser(defaults).parse_args(argv)
-    tc = TrainConfig(**vars(args))
+    parser = build_parser(defaults)
+    tc = TrainConfig(**vars(parser.parse_args(argv)))
+    conflict = flag_conflict(tc)
+    if conflict:
+        parser.error(conflict)
     return tc if tc.config != "auto" else replace(tc, config=preset)
+
+
+def flag_conflict(tc: TrainConfig) -> str | None:
+    """What flags contradict each other, checked before any work (divisibility of --images-per-batch by the
+    number of processes is checked when they start)."""
+    if tc.use_sam and tc.stage1_epochs > tc.epochs:
+        return (f"--stage1-epochs {tc.stage1_epochs} > --epochs {tc.epochs}: stage 2 (§4.2) would never run; "
+                f"--stage1-epochs {tc.epochs} trains stage 1 only, --no-use-sam the coarse mask alone")
+    return None
 
 
 def _read_json(path: str, why: str) -> dict:
@@ -232,14 +257,15 @@ def main(argv=None) -> dict:
     log.run_header(tc, raw_model, train_towers, procs, amp_dtype)
 
     # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
-    train_set, val_set = build_data(tc, tokenizer, procs.master)
+    train_set, val_set, held_out = build_data(tc, tokenizer, procs.master)
+    log.held_out(held_out)  # how many images and refs each training set lost to the hold-out, and why
     if tc.seen_only:  # Table 2
         log(f"--seen-only: {train_set.dropped_refs} training refs of unseen or other categories dropped, "
             f"{sum(map(len, train_set.pairs))} sentences of {len(train_set)} images kept")
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)
-    periodic_val = val_set if not tc.val_images else Subset(val_set, range(min(tc.val_images, len(val_set))))
+    periodic_val = periodic_val_set(val_set, tc)
 
     # -- optimizer (§4.2): AdamW over what trains; the LR is a function of the step (nothing to save) --
     params = raw_model.trainable_parameters()
@@ -250,6 +276,7 @@ def main(argv=None) -> dict:
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
         state = restore(ckpt, raw_model, optimizer, procs, tc.out)
+        state.best = resumed_best(state, tc, log)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
             f"{schedule.steps_per_epoch})")
     else:
@@ -281,6 +308,8 @@ def main(argv=None) -> dict:
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
                     f"oIoU {metrics['oIoU']:.2f}")
                 log.json({"step": state.step, "val": metrics})
+                if stage == schedule.final_stage:  # in stage 1 the score is the coarse mask's, not the output's
+                    keep_best(raw_model, metrics, state, tc, log)
             if state.step >= schedule.max_steps:
                 break
     pbar.close()
@@ -386,7 +415,8 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
 
 
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
-    """(train set, val set) from the refer-API layout; the demo's built-in data is written first."""
+    """(train set, val set, hold-out report) from the refer-API layout; the demo's built-in data is written first.
+    The report (hold_out_report) says how many images and refs each training set lost to the hold-out, and why."""
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
     if all(name == "synth" for name, _ in specs + [val_spec]):
         if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
@@ -395,17 +425,41 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
             synth.make_synth(tc.data_root, seed=0)  # refs(unc).p is written last: present = complete
         barrier()  # other ranks wait for the data
     loaded = {spec: data.load_refs(tc.data_root, *spec) for spec in dict.fromkeys(specs + [val_spec])}
-    # §4.2: no evaluation image is trained on, those of the validation set and of G-Ref's other partition
-    # included (umd and google split the same refs differently; the paper reports both)
-    other_gref = [("refcocog", other) for name, split_by in specs if name == "refcocog"
-                  for other in ("umd", "google") if other != split_by and data.has_refs(tc.data_root, "refcocog", other)]
-    held_out = [loaded[val_spec]] + [data.load_refs(tc.data_root, *spec) for spec in other_gref]
+    # §4.2: no evaluation image is trained on: every val/test image of the training sets and of the validation
+    # set leaves training, and with --hold-out-other-partition those of G-Ref's other partition (umd and google
+    # split the same images differently; the paper reports both), when its refs file is present
+    partitions = {("refcocog", other): data.load_refs(tc.data_root, "refcocog", other)
+                  for name, split_by in specs if name == "refcocog" for other in ("umd", "google")
+                  if ("refcocog", other) not in loaded and data.has_refs(tc.data_root, "refcocog", other)}
+    held_out = [loaded[val_spec]] + (list(partitions.values()) if tc.hold_out_other_partition else [])
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
                                  held_out_from=held_out, category_ids=data.OV_SEEN_CATEGORIES if tc.seen_only else None)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size)
-    return train_set, val_set
+    return train_set, val_set, hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)
+
+
+def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_partitions: bool) -> dict:
+    """{"name:split_by": data.hold_out_counts} per training set: its train images and refs, those removed per
+    reason (an image counts under its first reason, so G-Ref's other partition, last, shows what holding it out
+    costs), those kept; with --no-hold-out-other-partition, "not_held_out": what it trains on of that partition."""
+    label = ":".join
+    eval_ids = {spec: data.eval_image_ids(d) for spec, d in (loaded | partitions).items()}
+    other_partitions = [(f"G-Ref {split_by} val/test", eval_ids[(name, split_by)]) for name, split_by in partitions]
+    report = {}
+    for spec in dict.fromkeys(specs):
+        sources = [("val/test of the same dataset", eval_ids[spec])]
+        if val_spec != spec:
+            sources.append((f"val/test of {label(val_spec)}, the validation set", eval_ids[val_spec]))
+        sources += [(f"val/test of {label(o)}, another training set", eval_ids[o])
+                    for o in dict.fromkeys(specs) if o not in (spec, val_spec)]
+        counts = data.hold_out_counts(loaded[spec], sources + other_partitions if hold_out_partitions else sources)
+        if not hold_out_partitions and other_partitions:
+            removed = data.hold_out_counts(loaded[spec], sources + other_partitions)["removed"]
+            counts["not_held_out"] = {reason: removed[reason] for reason, _ in other_partitions}
+        report[label(spec)] = counts
+    return report
 
 
 def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> list[list[int]]:
@@ -540,7 +594,8 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
         atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
-            "untrained": state.untrained, "model_config": model.config.to_dict(), "train_config": asdict(tc)}, f))
+            "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
+            "train_config": asdict(tc)}, f))
     state.last_saved = state.step
 
 
@@ -557,7 +612,8 @@ def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str)
     set_rng_state(ckpt["rng"][procs.rank])
     if procs.master:  # log lines after the checkpoint belong to the lost part of the run
         _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
-    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"])
+    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"],
+                      ckpt.get("best"))  # checkpoints written before --keep-best have none
 
 
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
@@ -579,10 +635,41 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def save_run_model(model: PromptRIS, path: str) -> None:
-    """model.safetensors: the full PromptRIS state dict (CLIP and SAM included), for eval.load_run."""
+def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) -> None:
+    """model.safetensors (or best.safetensors): the full PromptRIS state dict (CLIP and SAM included), for
+    eval.load_run; `metadata` {str: str} goes into the file's header."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: f.write(safetensors_bytes(state)))
+    atomic_write(path, lambda f: f.write(safetensors_bytes(state, metadata)))
+
+
+def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfig, log: "RunLog") -> None:
+    """best.safetensors beside model.safetensors when this validation's --keep-best score beats every earlier
+    validation of the run's final output (untrained and stage-1 scores excluded), the checkpoint LAVT, CGFormer
+    and CRIS report. Its record {"step", "metric", "score", "expressions"} goes into TrainState and the file."""
+    score = metrics[tc.keep_best] if tc.keep_best != "none" else None
+    if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
+        return
+    best = {"step": state.step, "metric": tc.keep_best, "score": score, "expressions": metrics["n"]}
+    save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
+    state.best = best
+    log(f"step {state.step}: best val {tc.keep_best} so far ({best['score']:.2f}), saved as {BEST_WEIGHTS}")
+
+
+def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | None:
+    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written at the
+    checkpoint's step (its validation follows the save) or after it (in the part of the run now replayed): then
+    the file's own record, so the record always describes the file. None when --keep-best now names another
+    score (a none run also drops the file, which eval.py would otherwise take)."""
+    path = os.path.join(tc.out, BEST_WEIGHTS)
+    on_disk = read_best(path) if os.path.isfile(path) else None
+    best = on_disk if on_disk is not None and on_disk["step"] >= state.step else state.best
+    if best is not None and best["metric"] != tc.keep_best:
+        log(f"--keep-best {tc.keep_best}: the run kept its best by {best['metric']} so far; that record is dropped")
+        if tc.keep_best == "none" and log.master:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return None
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,6 +818,7 @@ class TrainState:
     batch_in_epoch: int = 0
     untrained: dict | None = None  # val metrics before training (fresh runs)
     last_saved: int = 0
+    best: dict | None = None  # the best validation so far (--keep-best): {"step", "metric", "score", "expressions"}
 
     def advance(self, steps_per_epoch: int) -> None:
         self.step += 1
@@ -797,18 +885,31 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
                      procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
-    """model.safetensors, the whole validation split, metrics.json (rank 0)."""
+    """model.safetensors, the whole validation split, the best weights (--keep-best), metrics.json (rank 0)."""
     save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-    result = {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(procs.device)}
-    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-        json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
     untrained = state.untrained["mIoU"] if state.untrained else float("nan")
     log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
         f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+    if tc.keep_best != "none":  # compared on the images the periodic validations score (--val-images)
+        periodic = periodic_val_set(val_set, tc)
+        keep_best(model, metrics if periodic is val_set else validate(model, periodic, schedule.final_stage, tc,
+                                                                       procs, amp_dtype), state, tc, log)
+        best = state.best
+        log(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
+            f"expressions): {BEST_WEIGHTS}, eval.py's default (--weights last: model.safetensors)")
+    result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started,
+              "peak_memory_mb": peak_memory_mb(procs.device)}
+    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+        json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
     log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
         f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
     return result
+
+
+def periodic_val_set(val_set, tc: TrainConfig):
+    """What --eval-every validates: the first --val-images images of the validation split, or all of it."""
+    return val_set if not tc.val_images or tc.val_images >= len(val_set) else Subset(val_set, range(tc.val_images))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,10 +921,11 @@ class RunLog:
     def __init__(self, out: str, master: bool, fresh: bool):
         self.out, self.master = out, master
         self.started = self.t_log = time.time()
+        self.run_config: dict = {}  # config.json
         self.images_since_log = 0
         os.makedirs(out, exist_ok=True)
         if master and fresh:  # a fresh run in an old directory starts fresh logs
-            for name in ("train.log", "log.jsonl", "metrics.json"):
+            for name in ("train.log", "log.jsonl", "metrics.json", BEST_WEIGHTS):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
 
@@ -846,10 +948,26 @@ class RunLog:
         self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
              "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
                                             "prompter train")
+        self.run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
+        self.write_config()
+
+    def write_config(self) -> None:
         if self.master:
-            run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
             atomic_write(os.path.join(self.out, "config.json"),
-                         lambda f: f.write(json.dumps(run_config, indent=1).encode()))
+                         lambda f: f.write(json.dumps(self.run_config, indent=1).encode()))
+
+    def held_out(self, report: dict) -> None:
+        """build_data's hold-out report (§4.2) per training set, in train.log and config.json ("held_out")."""
+        for name, c in report.items():
+            removed = ", ".join(f"{n['images']} images / {n['refs']} refs ({reason})"
+                                for reason, n in c["removed"].items())
+            self(f"{name} train: {c['images']} images, {c['refs']} refs; held out {removed}; trained on "
+                 f"{c['kept']['images']} images, {c['kept']['refs']} refs")
+            for reason, n in c.get("not_held_out", {}).items():
+                self(f"{name} train: {n['images']} images / {n['refs']} refs of {reason} are trained on "
+                     f"(--no-hold-out-other-partition): a score on that partition is not held out")
+        self.run_config["held_out"] = report
+        self.write_config()
 
     def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, tc: TrainConfig,
              schedule: Schedule) -> None:

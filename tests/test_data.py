@@ -302,6 +302,18 @@ def test_combined_training_set_drops_every_eval_image(tmp_path):
     assert data.combine_for_training([a], held_out_from=[b]).refs == []
 
 
+def test_hold_out_counts_each_removed_image_under_its_first_reason(tmp_path):
+    refs, instances = tiny_records()  # train: image 9 (refs 0, 1); val: image 7
+    write_tree(str(tmp_path), refs, instances)
+    a = data.load_refs(str(tmp_path), "refcoco", "unc")
+    assert data.eval_image_ids(a) == {7}
+    counts = data.hold_out_counts(a, [("own val/test", data.eval_image_ids(a)), ("partition", {9}), ("again", {9})])
+    assert counts == {"images": 1, "refs": 2, "removed": {"own val/test": {"images": 0, "refs": 0},
+                                                          "partition": {"images": 1, "refs": 2},
+                                                          "again": {"images": 0, "refs": 0}},
+                      "kept": {"images": 0, "refs": 0}}
+
+
 def test_the_same_refs_given_twice_are_kept_once(tmp_path):
     """G-Ref's umd and google partitions hold the same refs: combined, each sentence counts once."""
     refs, instances = tiny_records()

@@ -1,11 +1,12 @@
 """eval.py: the paper's metrics (§4.1, §4.4), evaluation of a run directory end to end, the Fig. 4 panel."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import data
 import synth
@@ -209,6 +210,27 @@ def test_missing_checkpoint_names_the_file_and_train_py(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors.*train.py"):
         ris_eval.main(["--checkpoint", str(tmp_path)])
+
+
+def test_weights_default_to_the_best_of_the_run_and_say_which(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    record = {"step": 7, "metric": "oIoU", "score": 12.5, "expressions": 3}  # what train.py --keep-best writes
+    save_file(load_file(run / "model.safetensors"), str(run / "best.safetensors"), {"best": json.dumps(record)})
+    args = ["--checkpoint", str(run), "--output", "coarse", "--max-images", "1", "--json"]
+    for flags, used, said in (([], "best", "the best validation of the run (oIoU 12.50 at step 7)"),
+                              (["--weights", "last"], "model", "the last weights of the run")):
+        assert ris_eval.main(args + flags) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0] == f"weights: {run / used}.safetensors, {said}"
+        assert json.loads(lines[-1])["weights"] == f"{run / used}.safetensors"
+    (run / "best.safetensors").unlink()
+    assert ris_eval.run_weights(run) == (str(run / "model.safetensors"),
+                                         "the last weights of the run (it has no best.safetensors)")
+    with pytest.raises(FileNotFoundError, match=r"--weights best: .*best\.safetensors not found"):
+        ris_eval.main(args + ["--weights", "best"])
+    with pytest.raises(ValueError, match="--weights last chooses a file of a run directory"):
+        ris_eval.main(["--checkpoint", str(run / "model.safetensors"), "--weights", "last"])
 
 
 def test_unknown_prompt_type_is_rejected():

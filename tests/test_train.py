@@ -6,11 +6,14 @@ stays within a few minutes on 2 CPU cores.
 """
 import json
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,6 +95,7 @@ def test_run_directory_loads_back_with_eval(micro_root, tmp_path):
     trained = load_file(os.path.join(out, "model.safetensors"))
     assert_bitwise_equal(trained, {k: v for k, v in model.state_dict().items() if k in trained})
     assert run_config["train"]["max_steps"] == 1 and run_config["vocab"] is None
+    assert run_config["held_out"]["synth:unc"]["kept"] == {"images": 8, "refs": 22}  # synth: one split per image
 
 
 # ---- resume ----
@@ -147,6 +151,150 @@ def test_resume_without_flags_takes_the_run_config(micro_root, tmp_path):
     train.main(micro_args(micro_root, out, "--max-steps", "1"))
     tc = train.parse_args(["--resume", "--out", str(out)])
     assert (tc.clip_size, tc.images_per_batch, tc.data_root, tc.max_steps) == (32, 4, micro_root, 0)
+
+
+# ---- what the hold-out of evaluation images takes from training ----
+
+
+def write_gref(root, micro_root) -> tuple[list, int]:
+    """G-Ref's two partitions over the same images: umd = the micro synth split; google's val holds two umd train
+    images, one with all its refs and one through a single ref (google splits objects, not images), and its train
+    the umd val/test images. Returns (the two images, how many umd train refs they carry)."""
+    folder = root / "refcocog"
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(micro_root, "synth", "instances.json"), folder)
+    with open(os.path.join(micro_root, "synth", "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    with open(folder / "refs(umd).p", "wb") as f:
+        pickle.dump(refs, f)
+    a, b = sorted({r["image_id"] for r in refs if r["split"] == "train"})[:2]
+    one_of_b = next(r["ref_id"] for r in refs if r["image_id"] == b)
+    google = [dict(r, split="val" if r["image_id"] == a or r["ref_id"] == one_of_b else "train") for r in refs]
+    with open(folder / "refs(google).p", "wb") as f:
+        pickle.dump(google, f)
+    return [a, b], sum(r["split"] == "train" and r["image_id"] in (a, b) for r in refs)
+
+
+@pytest.mark.parametrize("hold_out", [True, False])
+def test_gref_other_partition_hold_out_is_a_choice_and_its_cost_is_logged(micro_root, tmp_path, hold_out):
+    images, refs = write_gref(tmp_path, micro_root)
+    out = tmp_path / "run"
+    flag = "--hold-out-other-partition" if hold_out else "--no-hold-out-other-partition"
+    tc = train.parse_args(micro_args(str(tmp_path), out, "--datasets", "refcocog", "--val-dataset", "refcocog", flag))
+    train_set, _, report = train.build_data(tc, train.Tokenizer(None), master=True)
+    log = train.RunLog(str(out), master=True, fresh=True)
+    log.held_out(report)  # what main does right after build_data
+
+    counts, google = report["refcocog:umd"], {"images": 2, "refs": refs}
+    assert (counts["images"], counts["refs"]) == (8, 22)  # the micro synth train split
+    assert counts["removed"]["val/test of the same dataset"] == {"images": 0, "refs": 0}
+    lines = (out / "train.log").read_text().splitlines()
+    if hold_out:
+        assert counts["removed"]["G-Ref google val/test"] == google and "not_held_out" not in counts
+        assert counts["kept"] == {"images": 6, "refs": 22 - refs}
+        assert not set(images) & set(train_set.image_ids)
+        assert lines == [f"refcocog:umd train: 8 images, 22 refs; held out 0 images / 0 refs (val/test of the same "
+                         f"dataset), 2 images / {refs} refs (G-Ref google val/test); trained on 6 images, "
+                         f"{22 - refs} refs"]
+    else:
+        assert list(counts["removed"]) == ["val/test of the same dataset"]
+        assert counts["not_held_out"] == {"G-Ref google val/test": google}
+        assert counts["kept"] == {"images": 8, "refs": 22} and set(images) <= set(train_set.image_ids)
+        assert lines[1] == (f"refcocog:umd train: 2 images / {refs} refs of G-Ref google val/test are trained on "
+                            "(--no-hold-out-other-partition): a score on that partition is not held out")
+    assert len(train_set) == counts["kept"]["images"]
+    assert json.load(open(out / "config.json"))["held_out"] == report
+
+
+# ---- the best checkpoint (--keep-best) ----
+
+
+def scripted_validation(monkeypatch, scores: list, seen: list):
+    """train.validate returns oIoU = the next of `scores` and mIoU = 100 - it, and keeps the weights it scored."""
+    calls = iter(scores)
+
+    def validate(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        score = next(calls)
+        return {"output": "mask", "oIoU": score, "mIoU": 100.0 - score, "n": 8} | {
+            f"P@{x}": 0.0 for x in (0.5, 0.6, 0.7, 0.8, 0.9)}
+
+    monkeypatch.setattr(train, "validate", validate)
+
+
+def test_best_checkpoint_keeps_the_earlier_weights_when_the_score_goes_down(micro_root, tmp_path, monkeypatch):
+    # validations: untrained, steps 1-2 (stage 1: the coarse mask's scores, never the best), steps 3-5, final
+    seen = []
+    scripted_validation(monkeypatch, [50.0, 90.0, 95.0, 30.0, 40.0, 20.0, 20.0], seen)
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--eval-every", "1", "--max-steps", "5"))  # --keep-best oIoU
+    assert json.load(open(out / "metrics.json"))["best"] == {"step": 4, "metric": "oIoU", "score": 40.0,
+                                                             "expressions": 8}
+    assert_bitwise_equal(load_file(out / "best.safetensors"), seen[4])  # the weights validated at step 4
+    last = load_file(out / "model.safetensors")
+    assert any(not torch.equal(v, last[k]) for k, v in seen[4].items())
+    assert "step 4: best val oIoU so far (40.00), saved as best.safetensors" in (out / "train.log").read_text()
+
+
+def test_keep_best_follows_the_chosen_score_and_keeps_the_earlier_of_a_tie(tmp_path):
+    out = tmp_path / "run"
+    log = train.RunLog(str(out), master=True, fresh=True)
+    model = torch.nn.Linear(2, 1)
+    for metric, best_step in (("mIoU", 2), ("oIoU", 1), ("none", None)):
+        tc, state = train.parse_args(["--out", str(out), "--keep-best", metric]), train.TrainState()
+        for step, (o, m) in enumerate([(60.0, 50.0), (40.0, 70.0), (60.0, 70.0)], start=1):
+            state.step = step
+            with torch.no_grad():
+                model.bias.fill_(step)
+            train.keep_best(model, {"oIoU": o, "mIoU": m, "n": 3}, state, tc, log)
+        if best_step is None:
+            assert state.best is None and not (out / "best.safetensors").exists()
+        else:
+            assert state.best["step"] == best_step
+            assert train.read_best(str(out / "best.safetensors")) == state.best  # the record in the file's header
+            assert load_file(out / "best.safetensors")["bias"].item() == best_step
+            (out / "best.safetensors").unlink()
+
+
+def test_resume_keeps_the_best_score(micro_root, tmp_path, monkeypatch):
+    # all in stage 2; ckpt.pt of step 3 (saved before step 3's validation) holds the best of step 2
+    common = ["--stage1-epochs", "0", "--eval-every", "1", "--save-every", "3"]
+    scripted_validation(monkeypatch, [0.0, 10.0, 30.0, 20.0, 20.0], [])
+    out, old = tmp_path / "run", tmp_path / "old"
+    train.main(micro_args(micro_root, out, *common, "--max-steps", "3"))
+    best_weights = (out / "best.safetensors").read_bytes()
+    shutil.copytree(out, old)
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    assert ckpt["best"]["step"] == 2
+    del ckpt["best"]  # a checkpoint written before --keep-best existed
+    torch.save(ckpt, old / "ckpt.pt")
+
+    scripted_validation(monkeypatch, [25.0, 25.0], [])  # step 4 and the final validation: below 30
+    train.main(micro_args(micro_root, out, *common, "--max-steps", "4", "--resume"))
+    assert json.load(open(out / "metrics.json"))["best"] == {"step": 2, "metric": "oIoU", "score": 30.0,
+                                                             "expressions": 8}
+    assert (out / "best.safetensors").read_bytes() == best_weights
+
+    scripted_validation(monkeypatch, [25.0, 25.0], [])  # the old checkpoint resumes; its best starts anew
+    train.main(micro_args(micro_root, old, *common, "--max-steps", "4", "--resume"))
+    assert json.load(open(old / "metrics.json"))["best"]["step"] == 4
+
+
+def test_resumed_best_describes_the_file_on_disk(tmp_path):
+    out = tmp_path / "run"
+    log = train.RunLog(str(out), master=True, fresh=True)
+    record = {"step": 5, "metric": "oIoU", "score": 35.0, "expressions": 8}
+    train.save_run_model(torch.nn.Linear(2, 1), str(out / "best.safetensors"), {"best": json.dumps(record)})
+    older = {"step": 4, "metric": "oIoU", "score": 30.0, "expressions": 8}
+    tc = train.parse_args(["--out", str(out)])
+    # written at the checkpoint's step (the validation follows the save) or later: the file's record
+    assert train.resumed_best(train.TrainState(step=5, best=older), tc, log) == record
+    assert train.resumed_best(train.TrainState(step=6, best=older), tc, log) == older
+    # another score now: the record is dropped; none also drops the file
+    assert train.resumed_best(train.TrainState(step=6, best=older), replace(tc, keep_best="mIoU"), log) is None
+    assert (out / "best.safetensors").exists()
+    assert train.resumed_best(train.TrainState(step=6, best=older), replace(tc, keep_best="none"), log) is None
+    assert not (out / "best.safetensors").exists()
 
 
 # ---- checkpoints and failures ----
@@ -263,7 +411,7 @@ def micro_model(root, *extra):
 
 def micro_batch(root, tc, images):
     tokenizer = train.Tokenizer(None)
-    train_set, _ = train.build_data(tc, tokenizer, master=True)
+    train_set, _, _ = train.build_data(tc, tokenizer, master=True)
     return data.collate([train_set[i] for i in images])
 
 
@@ -283,7 +431,7 @@ def test_seen_only_trains_on_refs_of_seen_categories(tmp_path):
     root = write_ov_refer(str(tmp_path))
     flags = ["--config", "demo", "--data-root", root, "--datasets", "refcoco", "--val-dataset", "refcoco"]
     for extra, dropped, categories in (([], 0, [1, 18, 10, 3, 5, 88]), (["--seen-only"], 4, [1, 3])):
-        train_set, _ = train.build_data(train.parse_args(flags + extra), train.Tokenizer(None), master=True)
+        train_set, _, _ = train.build_data(train.parse_args(flags + extra), train.Tokenizer(None), master=True)
         assert train_set.dropped_refs == dropped
         assert [r["category_id"] for p in train_set.pairs for r, _ in p[::2]] == categories
 
