@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import data
 from clip_vit import Tokenizer
-from eval import evaluate
+from eval import draw_curves, evaluate
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 
@@ -68,7 +68,7 @@ class TrainConfig:
                        "'auto' = paper when weights or a data root are given, else demo",
                        choices=("auto", "paper", "demo"))
     out: str = knob("runs/paper", "run directory: config.json, ckpt.pt, model.safetensors, log.jsonl, "
-                    "train.log, metrics.json")
+                    "curves.png, train.log, metrics.json")
     clip_weights: str | None = knob(None, "CLIP ViT-B/16 safetensors (OpenAI or Hugging Face naming)", "§4.2",
                                     type=str)
     sam_weights: str | None = knob(None, "SAM ViT-B safetensors (segment_anything or Hugging Face naming)",
@@ -504,7 +504,7 @@ def main(argv=None) -> dict:
     ckpt_path = os.path.join(tc.out, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if tc.resume else None  # read (and validated) before any other work
     if master and not tc.resume:  # a fresh run in an old directory starts fresh logs
-        for name in ("train.log", "log.jsonl", "metrics.json"):
+        for name in ("train.log", "log.jsonl", "metrics.json", "curves.png"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(tc.out, name))
 
@@ -677,6 +677,7 @@ def main(argv=None) -> dict:
                 metrics = validate(stage, periodic_val)
                 log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} oIoU {metrics['oIoU']:.2f}")
                 log_json({"step": step, "val": metrics})
+                draw_curves(os.path.join(tc.out, "log.jsonl"), os.path.join(tc.out, "curves.png"))
             if step >= max_steps:
                 break
     pbar.close()
@@ -691,6 +692,8 @@ def main(argv=None) -> dict:
         result |= {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(device)}
         with open(os.path.join(tc.out, "metrics.json"), "w") as f:
             json.dump(metrics | {"step": step, "untrained": untrained}, f, indent=1)
+        log_json({"step": step, "val": metrics})
+        draw_curves(os.path.join(tc.out, "log.jsonl"), os.path.join(tc.out, "curves.png"))
         log(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained "
             f"{untrained['mIoU'] if untrained else float('nan'):.2f}) oIoU {metrics['oIoU']:.2f} "
             + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
