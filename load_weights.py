@@ -581,10 +581,11 @@ def main(argv=None) -> int:
         else:
             print(describe(args.file))
     except DownloadError as e:
-        name = os.path.basename((args.url or OFFICIAL_FILES[args.what][0][0]).split("?")[0])
-        print(f"error: {e}. To do it by hand: fetch the file with a browser or `curl -L -C - -O URL`, put it at "
-              f"{os.path.join(args.out, name)} and run this command again (a file there is checked and "
-              "converted, not fetched again)", file=sys.stderr)
+        url = args.url or OFFICIAL_FILES[args.what][0][0]
+        dest = os.path.join(args.out, os.path.basename(url.split("?")[0]))
+        print(f"error: {e}. By hand: fetch it elsewhere (a browser, or `curl -L -C - -o {dest} {url}`), put it at "
+              f"{dest} and run this command again: a file there is checked and converted, not fetched again",
+              file=sys.stderr)
         return 1
     except (WeightsError, OSError) as e:  # unreadable or missing files, a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
