@@ -14,8 +14,10 @@ Sections, in the order a reader meets them:
 4. Datasets: `RefTrainSet` (one image with b sentences, for instance contrastive learning, §3.3)
    and `RefEvalSet` (one image with all its sentences of a split); `collate` builds the batch
    dict of CONTRACT.md.
-5. CLI: `python data.py stats ...` and `python data.py synth ...` (the built-in dataset lives in
-   synth.py).
+5. `download_refer`: the refer annotation zips (from their mirrors) and COCO train2014, unpacked
+   into that layout.
+6. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
+   synth.py) and `python data.py download ...`.
 
 Typical training use (§4.2: the three datasets combined, evaluation images removed):
 
@@ -31,21 +33,26 @@ Typical training use (§4.2: the three datasets combined, evaluation images remo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from typing import Collection, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from clip_vit import CLIP_MEAN, CLIP_STD
 import synth
+from clip_vit import CLIP_MEAN, CLIP_STD
+from load_weights import DownloadError, download_from_mirrors
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 
 logger = logging.getLogger("data")
@@ -838,12 +845,136 @@ def collate(items: Sequence[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Command line
+# 5. Downloading the refer annotations (and COCO train2014)
+# ---------------------------------------------------------------------------------------------
+# The zips of lichengunc/refer's README were served by UNC, down since 2022; web.archive.org kept
+# copies (the snapshots users share in lichengunc/refer issues #14 and #26, CRIS.pytorch issue #10).
+# No checksum is published for any of them: each member's CRC-32 is checked while it is unpacked.
+
+_REFER_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{}.zip"
+_ARCHIVE_SNAPSHOTS = {"refcoco": "20220413011718", "refcoco+": "20220413011656", "refcocog": "20220413012904"}
+REFER_MIRRORS = {name: (_REFER_URL.format(name), f"https://web.archive.org/web/{stamp}/{_REFER_URL.format(name)}")
+                 for name, stamp in _ARCHIVE_SNAPSHOTS.items()}
+COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"  # cocodataset.org/#download
+COCO_TRAIN2014_IMAGES = 82783
+DOWNLOAD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # a dataset is complete with it
+
+
+def safe_extract(zip_path: str, dest: str) -> int:
+    """Unpack a zip under `dest`; returns the number of files written.
+
+    Every entry is checked before anything is written: one that would land outside `dest` (absolute
+    path, `..`) refuses the whole archive. Each file is written under a temporary name and renamed, so
+    a file that is present is complete (a killed run leaves only `.part` files).
+    """
+    root = os.path.realpath(dest)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = archive.infolist()
+            for m in members:
+                target = os.path.realpath(os.path.join(root, m.filename))
+                if (os.path.isabs(m.filename) or ".." in m.filename.replace("\\", "/").split("/")
+                        or os.path.commonpath((root, target)) != root):
+                    raise ValueError(f"{zip_path}: entry '{m.filename}' would be written outside {dest}; "
+                                     "refusing the archive, nothing was extracted")
+            files = [m for m in members if not m.is_dir()]
+            for m in tqdm(files, desc=f"unpacking {os.path.basename(zip_path)}", unit="file", leave=False):
+                target = os.path.join(root, m.filename)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                try:
+                    with archive.open(m) as src, open(target + ".part", "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)  # raises BadZipFile on a CRC mismatch
+                except BaseException:
+                    os.remove(target + ".part")
+                    raise
+                os.replace(target + ".part", target)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{zip_path}: damaged or not a zip file ({e}); delete it and download it again") from e
+    return len(files)
+
+
+def _complete(data_root: str, name: str) -> bool:
+    """A dataset: its refs file and instances.json are there (both unpacked atomically). train2014: it was
+    unpacked here (marker file), or an image folder of the layout already holds all of COCO train2014."""
+    if name != "train2014":
+        return (has_refs(data_root, name, DOWNLOAD_SPLIT_BY[name])
+                and os.path.isfile(os.path.join(data_root, name, "instances.json")))
+    if os.path.isfile(os.path.join(data_root, "images", "train2014.complete")):
+        return True
+    folders = [os.path.join(data_root, *parts) for parts in _IMAGE_DIR_CANDIDATES]
+    return any(os.path.isdir(f) and sum(e.name.startswith("COCO_train2014_") for e in os.scandir(f))
+               >= COCO_TRAIN2014_IMAGES for f in folders)
+
+
+def download_refer(data_root: str, datasets: Sequence[str] = tuple(REFER_MIRRORS), images: bool = False,
+                   from_dir: Optional[str] = None, mirrors: Optional[dict] = None,
+                   image_urls: Sequence[str] = (COCO_TRAIN2014_URL,)) -> None:
+    """Fetch and unpack what is missing of DATA_ROOT/<dataset>/{refs(..).p, instances.json} and, with
+    `images`, DATA_ROOT/images/train2014/; what is complete is skipped, so a rerun continues.
+
+    from_dir: a folder of zips fetched by hand (refcoco.zip, ..., train2014.zip), used before any mirror.
+    mirrors: {dataset: urls tried in order} (default REFER_MIRRORS). Downloaded zips (kept as
+    DATA_ROOT/downloads/*.part while incomplete) are deleted once unpacked; zips of from_dir are kept.
+    """
+    mirrors = mirrors or REFER_MIRRORS
+    jobs = [(name, mirrors[name], data_root) for name in datasets]
+    if images:  # train2014.zip holds train2014/COCO_train2014_*.jpg
+        jobs.append(("train2014", tuple(image_urls), os.path.join(data_root, "images")))
+    for name, urls, parent in jobs:
+        if _complete(data_root, name):
+            print(f"{name}: complete, skipped")
+            continue
+        path = os.path.join(from_dir or "", f"{name}.zip")
+        downloaded = not (from_dir and os.path.isfile(path))
+        if downloaded:
+            path = os.path.join(data_root, "downloads", f"{name}.zip")
+            try:
+                download_from_mirrors(urls, path, accept=zipfile.is_zipfile)
+            except DownloadError as e:
+                raise DownloadError(f"{name}.zip: no mirror worked ({e}). Fetch it by hand from one of these "
+                                    f"addresses, put it in a folder DIR and run `python data.py download "
+                                    f"--data-root {data_root} --from DIR`") from e
+        try:
+            with zipfile.ZipFile(path) as archive:  # the refer zips hold refcoco/..., COCO's train2014/...
+                inside = any(n.startswith(f"{name}/") for n in archive.namelist())
+            n = safe_extract(path, parent if inside else os.path.join(parent, name))
+        except (ValueError, zipfile.BadZipFile):
+            if downloaded:  # fetched again on the next run
+                os.remove(path)
+            raise
+        if name == "train2014":
+            with open(os.path.join(parent, "train2014.complete"), "w") as f:
+                f.write(f"{n} files from {path}\n")
+        elif not _complete(data_root, name):
+            raise ValueError(f"{path}: unpacked {n} files, but refs({DOWNLOAD_SPLIT_BY[name]}).p or "
+                             f"instances.json is still missing from {os.path.join(data_root, name)}")
+        if downloaded:
+            os.remove(path)
+        print(f"{name}: unpacked {n} files from {path}")
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.join(data_root, "downloads"))  # only when empty
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Command line
 # ---------------------------------------------------------------------------------------------
 
 
+def print_stats(data_root: str, dataset: str, split_by: str, as_json: bool = False) -> None:
+    """The `stats` table: refs, sentences and images per split (and the counts as one JSON line)."""
+    data = load_refs(data_root, dataset, split_by)
+    counts = split_stats(data)
+    print(f"{dataset} ({split_by}): {len(data.refs)} refs, "
+          f"{len(data.images)} images, {len(data.categories)} categories")
+    for split, c in counts.items():
+        print(f"  {split:>6}: {c['refs']:7d} refs {c['sentences']:7d} sentences "
+              f"{c['images']:6d} images")
+    if as_json:
+        print(json.dumps({"dataset": dataset, "split_by": split_by, "splits": counts}))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python data.py stats ...` / `python data.py synth ...` (callable from tests with argv)."""
+    """`python data.py stats|synth|download ...` (callable from tests with argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="refs, sentences and images per split")
@@ -852,19 +983,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stats.add_argument("--split-by", required=True, help="unc | umd | google")
     stats.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
     synth.add_arguments(sub.add_parser("synth", help="write the built-in referring dataset (synth.py)"))
+    fetch = sub.add_parser("download", help="fetch the refer annotations (and COCO train2014) into the refer "
+                                            "layout; what is complete is skipped")
+    fetch.add_argument("--data-root", required=True, help="DATA_ROOT to fill")
+    fetch.add_argument("--datasets", default=",".join(REFER_MIRRORS), help="comma-separated, of "
+                       f"{', '.join(REFER_MIRRORS)} (default: all)")
+    fetch.add_argument("--images", action="store_true", help="also COCO train2014 (13 GB, resumable)")
+    fetch.add_argument("--from", dest="from_dir", metavar="DIR", help="a folder of zips fetched by hand "
+                       "(refcoco.zip, refcoco+.zip, refcocog.zip, train2014.zip), used before any mirror")
     args = parser.parse_args(argv)
 
     if args.command == "stats":
-        data = load_refs(args.data_root, args.dataset, args.split_by)
-        counts = split_stats(data)
-        print(f"{args.dataset} ({args.split_by}): {len(data.refs)} refs, "
-              f"{len(data.images)} images, {len(data.categories)} categories")
-        for split, c in counts.items():
-            print(f"  {split:>6}: {c['refs']:7d} refs {c['sentences']:7d} sentences "
-                  f"{c['images']:6d} images")
-        if args.json:
-            print(json.dumps({"dataset": args.dataset, "split_by": args.split_by,
-                              "splits": counts}))
+        print_stats(args.data_root, args.dataset, args.split_by, args.json)
+    elif args.command == "download":
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        unknown = [d for d in datasets if d not in REFER_MIRRORS]
+        if unknown or not datasets:
+            parser.error(f"--datasets: unknown {unknown or 'empty list'}; choose from {', '.join(REFER_MIRRORS)}")
+        if args.from_dir and not os.path.isdir(args.from_dir):
+            parser.error(f"--from {args.from_dir}: no such folder")
+        download_refer(args.data_root, datasets, images=args.images, from_dir=args.from_dir)
+        for name in datasets:
+            print_stats(args.data_root, name, DOWNLOAD_SPLIT_BY[name])
     else:
         return synth.run(args)
     return 0

@@ -8,6 +8,7 @@
     python eval.py --subset unseen                    # Table 2: seen / unseen categories
     python eval.py --checkpoint runs/paper --data-root data/refer --splits all   # Table 1, paper row beside
     python eval.py --image photo.jpg --text "the man on the left" --out pred.png   # Fig. 4-style panel
+    python eval.py --image photo.jpg --text "the dog" --mask-out mask.png          # the mask, for other tools
 
 Every prediction is compared with the ground truth at the ORIGINAL image resolution: the logits in
 the padded (letterboxed) SAM frame are cropped to the valid region, resized bilinearly to the
@@ -19,6 +20,10 @@ by all of that image's sentences (RefCOCO val: 7.2 per image). At paper size on 
 encoder takes ~13 s per image and everything else ~2.4 s per sentence: 5.0 s per expression with
 the embedding reused instead of 13.3 s when recomputed for every expression (2.6x with 5 sentences
 per image). Each evaluation prints its own measured numbers.
+
+A photo given with --image is segmented as a viewer shows it (its EXIF orientation applied) and at
+its full resolution; only the panel is drawn smaller (longest side DISPLAY_SIDE), so a 12-megapixel
+photo costs the model's time plus about a second.
 """
 import argparse
 import contextlib
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import SafetensorError, safe_open
 
 from clip_vit import Tokenizer
@@ -127,13 +132,29 @@ def _mean_of_group_means(values: np.ndarray, keys: list) -> float:
 
 MASK_COLOUR = (255, 64, 32)     # final prediction: semi-transparent fill + contour
 GT_COLOUR = (32, 255, 64)       # ground truth: contour only
+DISPLAY_SIDE = 1024             # panels are drawn with their longest side at most this long
+
+
+def _erode_rows(mask: np.ndarray, r: int) -> np.ndarray:
+    """(H, W) bool -> pixels whose whole column window [y - r, y + r] is set (edges replicated).
+    Running sums: the cost is the same for any r."""
+    padded = np.pad(mask, ((r, r), (0, 0)), mode="edge")
+    sums = np.concatenate([np.zeros((1, mask.shape[1]), np.int32), np.cumsum(padded, axis=0, dtype=np.int32)])
+    return sums[2 * r + 1:] - sums[:-(2 * r + 1)] == 2 * r + 1  # (H + 2r + 1) sums -> (H, W) window sums
 
 
 def _contour(mask: np.ndarray, width: int) -> np.ndarray:
-    """Boundary pixels of a (H, W) bool mask: the mask minus its erosion (MinFilter)."""
-    size = 2 * width + 1
-    eroded = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(size))
-    return mask & ~(np.asarray(eroded) > 0)
+    """Boundary pixels of a (H, W) bool mask: the mask minus its erosion by a (2 width + 1)^2 square
+    (what PIL's MinFilter computes, whose cost grows with the square's area; a square is two 1-D windows)."""
+    eroded = _erode_rows(_erode_rows(mask, width).T, width).T
+    return mask & ~eroded
+
+
+def _shrink(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool or float map -> (h, w) at size (w, h), area-weighted (PIL's antialiased bilinear)."""
+    if array.dtype == bool:  # as 8-bit grey: a quarter of the float work
+        return np.asarray(Image.fromarray(array.view(np.uint8) * 255).resize(size, Image.BILINEAR)) >= 128
+    return np.asarray(Image.fromarray(array.astype(np.float32)).resize(size, Image.BILINEAR))
 
 
 def _heat(prob: np.ndarray) -> np.ndarray:
@@ -192,12 +213,20 @@ def caption_height(text: str, width: int) -> int:
 
 
 def render_panel(image: Image.Image, mask: np.ndarray, coarse_prob: np.ndarray, text: str,
-                 point_xy=None, gt: np.ndarray | None = None) -> Image.Image:
+                 point_xy=None, gt: np.ndarray | None = None, max_side: int = DISPLAY_SIDE) -> Image.Image:
     """[image + final mask (+ GT outline) | coarse heat map + point], caption below: (2W, H + caption).
 
     mask, gt: (H, W) bool at the image's resolution; coarse_prob: (H, W) in [0, 1];
-    point_xy: (x, y) in image pixels or None.
+    point_xy: (x, y) in image pixels or None. An image longer than max_side is drawn scaled down to it
+    (W, H then being the scaled size): a photo's panel stays a picture, and drawing it stays cheap.
     """
+    scale = max_side / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if point_xy is not None:
+            point_xy = (point_xy[0] * size[0] / image.width, point_xy[1] * size[1] / image.height)
+        image, mask, coarse_prob = image.resize(size, Image.BILINEAR), _shrink(mask, size), _shrink(coarse_prob, size)
+        gt = None if gt is None else _shrink(gt.astype(bool), size)
     w, h = image.size
     panel = Image.new("RGB", (2 * w, h + caption_height(text, w)), (255, 255, 255))
     panel.paste(overlay_mask(image, mask, gt), (0, 0))
@@ -208,6 +237,74 @@ def render_panel(image: Image.Image, mask: np.ndarray, coarse_prob: np.ndarray, 
     for i, row in enumerate(_wrap(text, font, 2 * w - 8)):
         draw.text((4, h + 4 + i * line), row, fill=(0, 0, 0), font=font)
     return panel
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves: one small plot per loss term and per validation mIoU, from train.py's log.jsonl
+# ---------------------------------------------------------------------------------------------
+
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (23, 190, 207))
+_NOT_CURVES = ("step", "epoch", "stage", "lr", "images_per_s", "elapsed_s")  # log.jsonl keys that are no loss
+
+
+def read_curves(log_jsonl) -> dict[str, list[tuple[int, float]]]:
+    """{series: [(step, value), ...]} from a train.py log.jsonl: "loss" and every loss term of the
+    training lines, then "val <output> mIoU" of the validation lines ({"step", "val": metrics})."""
+    series: dict[str, list] = {}
+    with open(log_jsonl) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if "val" in record:
+                    series.setdefault(f"val {record['val']['output']} mIoU", []).append(
+                        (record["step"], record["val"]["mIoU"]))
+                    continue
+                for key, value in record.items():
+                    if key not in _NOT_CURVES:
+                        series.setdefault(key, []).append((record["step"], float(value)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{log_jsonl}: line {n} is not a train.py log record ({type(e).__name__}: {e})")
+    order = sorted(series, key=lambda k: (k != "loss") + k.startswith("val "))  # loss, terms, validations
+    return {k: series[k] for k in order}
+
+
+def draw_curves(log_jsonl, png_path, columns: int = 3, cell: tuple[int, int] = (360, 220)) -> Image.Image:
+    """Plot every series of read_curves against the step, each in its own cell with its own value range
+    (the terms differ by orders of magnitude) and a shared step axis; written to png_path, returned."""
+    series = read_curves(log_jsonl)
+    if not series:
+        raise ValueError(f"{log_jsonl}: no training or validation lines to draw")
+    columns = min(columns, len(series))
+    rows = -(-len(series) // columns)
+    width, height = cell
+    canvas = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
+    last_step = max(step for points in series.values() for step, _ in points) or 1
+    left, top, right, bottom = 56, 24, 12, 22  # margins of each plot inside its cell
+    for i, (name, points) in enumerate(series.items()):
+        x0, y0 = (i % columns) * width + left, (i // columns) * height + top
+        x1, y1 = (i % columns + 1) * width - right, (i // columns + 1) * height - bottom
+        values = [v for _, v in points]
+        low, high = min(values), max(values)
+        if high - low < 1e-12:
+            low, high = low - 0.5, high + 0.5
+        xy = [(x0 + (x1 - x0) * step / last_step, y1 - (y1 - y0) * (v - low) / (high - low)) for step, v in points]
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        draw.rectangle((x0, y0, x1, y1), outline=(190, 190, 190))
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy if len(xy) <= 20 else xy[-1:]:  # few points (validations): mark each one
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((x0, y0 - 18), f"{name}   last {values[-1]:.4g} (step {points[-1][0]})", fill=(0, 0, 0), font=font)
+        for value, y in ((high, y0), (low, y1 - 12)):
+            draw.text((x0 - 4, y), f"{value:.3g}", fill=(90, 90, 90), font=font, anchor="ra")
+        draw.text((x0, y1 + 4), "0", fill=(90, 90, 90), font=font)
+        draw.text((x1, y1 + 4), f"step {last_step}", fill=(90, 90, 90), font=font, anchor="ra")
+    canvas.save(png_path)
+    return canvas
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,13 +548,22 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     }
 
 
+def open_photo(path) -> Image.Image:
+    """A photo as a viewer shows it: cameras store the sensor's pixels plus an EXIF orientation tag, which
+    is applied here (so the mask matches the picture people see), in RGB."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
 @torch.no_grad()
 def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, text: str, *, device="cpu",
-                  output: str = "mask", prompts=None, amp_dtype=None) -> dict:
-    """Segment `text` in `image`: {"mask": (H, W) bool, "coarse": (H, W) probabilities, "point": (x, y) or None}."""
+                  output: str = "mask", prompts=None, amp_dtype=None, timing: Timing | None = None) -> dict:
+    """Segment `text` in `image` (pixels as they are: open files with open_photo to apply their EXIF
+    orientation): {"mask": (H, W) bool, "coarse": (H, W) probabilities, "point": (x, y) or None}."""
     prompts = tuple(model.config.prompts if prompts is None else prompts)
-    batch = image_batch(image.convert("RGB"), [text], tokenizer, model.config)
-    out = run_model(model.eval(), batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype)
+    batch = image_batch(image if image.mode == "RGB" else image.convert("RGB"), [text], tokenizer, model.config)
+    out = run_model(model.eval(), batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype,
+                    timing=timing)
     input_size, original_size = batch["input_sizes"][0].tolist(), batch["original_sizes"][0].tolist()
     return {"mask": (to_original(model, out[output], input_size, original_size)[0] > 0).cpu().numpy(),
             "coarse": to_original(model, out["coarse"], input_size, original_size)[0].sigmoid().cpu().numpy(),
@@ -680,9 +786,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the result as JSON (last line)")
     p.add_argument("--save-vis", metavar="DIR", help="save Fig. 4-style panels of the first --max-vis expressions")
     number("--max-vis", NumberRange(int, min=0), "panels saved by --save-vis", default=8)
-    p.add_argument("--image", help="segment one image instead (with --text, writes --out)")
+    p.add_argument("--image", help="segment one photo instead (EXIF orientation applied; with --text, writes "
+                                   "--out and/or --mask-out)")
     p.add_argument("--text", help="referring expression for --image")
-    p.add_argument("--out", default="pred.png", help="panel written for --image")
+    p.add_argument("--out", help=f"panel written for --image, longest side <= {DISPLAY_SIDE} px "
+                                 "(default pred.png, unless only --mask-out is given)")
+    p.add_argument("--mask-out", metavar="FILE", help="binary mask for --image as a PNG (0/255, mode L) at the "
+                                                      "photo's displayed resolution")
     return p
 
 
@@ -691,6 +801,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
+    if args.text is not None and not args.text.strip():
+        p.error("--text is empty: give the referring expression, e.g. --text \"the man on the left\"")
+    if args.image is None and (args.out or args.mask_out):
+        p.error("--out and --mask-out are written for --image (dataset panels: --save-vis DIR)")
+    if args.image is not None and args.out is None and args.mask_out is None:
+        args.out = "pred.png"
     clashing = [f for f, v in (("--dataset", args.dataset), ("--split-by", args.split_by), ("--split", args.split),
                                ("--save-vis", args.save_vis), ("--image", args.image)) if v is not None]
     if args.splits and clashing:
@@ -709,15 +825,25 @@ def main(argv=None) -> int:
     if args.image is not None:
         if not os.path.isfile(args.image):
             raise FileNotFoundError(f"--image {args.image}: no such file")
-        image = Image.open(args.image).convert("RGB")
+        started, timing = time.perf_counter(), Timing()
+        image = open_photo(args.image)
         result = predict_image(model, tokenizer, image, args.text, device=args.device, output=args.output,
-                               prompts=prompts, amp_dtype=amp_dtype)
-        panel = render_panel(image, result["mask"], result["coarse"], f'"{args.text}"', result["point"])
-        panel.save(args.out)
-        summary = {"out": args.out, "size": list(panel.size), "mask_fraction": float(result["mask"].mean()),
-                   "point": result["point"]}
-        print(f"wrote {args.out} ({panel.width}x{panel.height}): mask covers "
-              f"{100 * summary['mask_fraction']:.1f}% of the image")
+                               prompts=prompts, amp_dtype=amp_dtype, timing=timing)
+        summary = {"image_size": list(image.size), "mask_fraction": float(result["mask"].mean()),
+                   "point": result["point"], "out": args.out, "size": None, "mask_out": args.mask_out}
+        if args.mask_out:
+            # (H, W) uint8: mode L; zlib level 1: a third of the default's time, and masks compress well anyway
+            Image.fromarray(result["mask"].astype(np.uint8) * 255).save(args.mask_out, compress_level=1)
+            print(f"wrote {args.mask_out} ({image.width}x{image.height} mask, 0/255)")
+        if args.out:
+            panel = render_panel(image, result["mask"], result["coarse"], f'"{args.text}"', result["point"])
+            panel.save(args.out, compress_level=1)  # PNG: a third of the default level's time, 1.4x the bytes
+            summary["size"] = list(panel.size)
+            print(f"wrote {args.out} ({panel.width}x{panel.height} panel)")
+        summary |= {"model_s": timing.sam_encoder_s + timing.rest_s, "total_s": time.perf_counter() - started}
+        print(f"{image.width}x{image.height} photo: mask covers {100 * summary['mask_fraction']:.1f}% of it; "
+              f"model {summary['model_s']:.2f} s, total {summary['total_s']:.2f} s (reading, resizing, drawing, "
+              "saving included)")
         if args.json:
             print(json.dumps(summary))
         return 0

@@ -5,20 +5,26 @@ checkpoint) and the Hugging Face one (`openai/clip-vit-base-patch16`, `facebook/
 Our modules use the original names, so the original files load with a plain strict
 `load_state_dict`; each Hugging Face naming is one readable rename table below.
 
+    python load_weights.py download clip|sam|vocab [--out DIR]    # official file, checked, -> safetensors
     python load_weights.py convert IN.pth|IN.pt OUT.safetensors
     python load_weights.py inspect FILE.safetensors
 """
 import argparse
+import hashlib
+import http.client
 import math
 import os
 import re
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from clip_vit import CLIP, CLIPConfig
 from sam import SAM, SAMConfig
@@ -321,6 +327,155 @@ def load_sam(path, device="cpu", config: SAMConfig = None) -> SAM:
     return model
 
 
+# ---- downloading the official files ----
+
+class DownloadError(OSError):
+    """A file that could not be fetched (or failed its checksum); the message names the URL."""
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, path, sha256: str | None = None, retries: int = 5, timeout: float = 60) -> str:
+    """Fetch `url` into `path`; returns the path. An existing `path` (with the right checksum) is kept.
+
+    The bytes go to `path`.part first, so an interrupted transfer (a dropped connection, a killed
+    process) continues where it stopped with an HTTP Range request, here (up to `retries` times in a
+    row without progress) or on the next call; a server that ignores Range and answers 200 sends the
+    whole file again, which then replaces the partial one. With `sha256`, a complete file whose hash
+    differs is deleted and DownloadError says so. The finished file appears atomically (os.replace).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and (sha256 is None or sha256_of(path) == sha256):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part, stalled = path + ".part", 0
+    while True:
+        before = _size(part)
+        if _fetch_part(url, part, timeout):
+            break
+        stalled = 0 if _size(part) > before else stalled + 1  # a slow but moving transfer goes on
+        if stalled > retries:
+            raise DownloadError(f"{url}: the transfer broke off {stalled} times in a row at byte {_size(part)}; "
+                                "run the command again to resume")
+    if sha256 is not None and (digest := sha256_of(part)) != sha256:
+        os.remove(part)
+        raise DownloadError(f"{url}: SHA-256 mismatch (got {digest}, expected {sha256}); "
+                            f"deleted the download {part}")
+    os.replace(part, path)
+    return path
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def _fetch_part(url: str, part: str, timeout: float) -> bool:
+    """One request appending to `part`. True when the file is complete; False when the connection
+    broke off (worth another try); DownloadError for an HTTP or network error."""
+    start = _size(part)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # nothing after byte `start`: complete, or a .part longer than the file
+            if e.headers.get("Content-Range") == f"bytes */{start}":
+                return True
+            os.remove(part)
+            return False
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from e
+    with response:
+        resumed = response.status == 206
+        if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {start}-"):
+            raise DownloadError(f"{url}: asked for bytes {start}- and got {response.headers.get('Content-Range')}")
+        if not resumed:
+            start = 0  # 200: the server sent the whole file (Range ignored), so start over
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        received = start
+        with open(part, "ab" if resumed else "wb") as f, tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=os.path.basename(part[:-len(".part")]), leave=False) as bar:
+            try:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException):
+                pass  # a dropped connection: the bytes so far stay in `part`
+    if total is None:
+        return True  # no length announced: the end of the stream is the end of the file
+    if received > total:
+        raise DownloadError(f"{url}: received {received} bytes, more than the {total} announced")
+    return received == total
+
+
+def download_from_mirrors(urls, path, sha256: str | None = None, accept=None) -> str:
+    """`download` from the first of `urls` that works; `accept(path)` may refuse a file (e.g. an HTML
+    error page served with status 200), which is then deleted and the next mirror tried. DownloadError
+    lists what went wrong with every mirror."""
+    errors = []
+    for url in urls:
+        try:
+            download(url, path, sha256)
+        except DownloadError as e:
+            errors.append(str(e))
+            continue
+        if accept is None or accept(path):
+            return path
+        os.remove(path)
+        errors.append(f"{url}: not the expected kind of file (an error page?)")
+    raise DownloadError("; ".join(errors))
+
+
+# The defaults of `download`: (mirrors, SHA-256 or None, converted to safetensors?).
+# - CLIP: OpenAI's ViT-B/16 file from _MODELS in openai/CLIP's clip/clip.py; the path carries the file's
+#   SHA-256 (clip.py checks it the same way). openaipublic.azureedge.net is the CDN in front of the
+#   storage account openaipublic.blob.core.windows.net, which serves the same path.
+# - SAM: the ViT-B checkpoint linked from the facebookresearch/segment-anything README, which documents no
+#   checksum; the file is checked by loading it.
+# - vocab: clip/bpe_simple_vocab_16e6.txt.gz of openai/CLIP (one version since 2021; the SHA-256 is that
+#   file's, identical to the copy shipped in the open_clip package).
+_CLIP_B16 = "clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt"
+OFFICIAL_FILES = {
+    "clip": ((f"https://openaipublic.azureedge.net/{_CLIP_B16}",
+              f"https://openaipublic.blob.core.windows.net/{_CLIP_B16}"), _CLIP_B16.split("/")[2], True),
+    "sam": (("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",), None, True),
+    "vocab": (("https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz",),
+              "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a", False),
+}
+_NAMING = {"clip": clip_naming, "sam": sam_naming}
+
+
+def download_official(kind: str, out_dir, url: str | None = None, sha256: str | None = None) -> str:
+    """Fetch one of OFFICIAL_FILES (or `url` instead, checked only against `sha256`) into out_dir and,
+    for weights, convert it to a .safetensors beside it; returns the path to give train.py."""
+    mirrors, default_sha256, to_safetensors = OFFICIAL_FILES[kind]
+    if url is not None:
+        mirrors, default_sha256 = (url,), None
+    sha256 = sha256 or default_sha256
+    original = os.path.join(out_dir, os.path.basename(mirrors[0].split("?")[0]) or f"{kind}.download")
+    print(f"{mirrors[0]} -> {original} (SHA-256 {'checked' if sha256 else 'not known: not checked'})",
+          file=sys.stderr)
+    download_from_mirrors(mirrors, original, sha256)
+    if not to_safetensors:
+        return original
+    converted = os.path.splitext(original)[0] + ".safetensors"
+    if not (os.path.isfile(converted) and os.path.getmtime(converted) >= os.path.getmtime(original)):
+        state = convert(original, converted)
+        if _NAMING[kind](state) is None:
+            os.remove(converted)
+            raise WeightsError(f"{original}: not a {kind.upper()} checkpoint in a known naming")
+    return converted
+
+
 # ---- command line ----
 
 _VIT_SIZES = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
@@ -390,9 +545,24 @@ def describe(path) -> str:
     return f"{path}: {model}, {naming} naming, {len(state)} tensors, {millions:.1f}M parameters\n{config}"
 
 
+def _sha256_hex(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a SHA-256 (64 hexadecimal digits)")
+    return text.lower()
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Convert and inspect CLIP / SAM weight files.")
+    parser = argparse.ArgumentParser(description="Download, convert and inspect CLIP / SAM weight files.")
     commands = parser.add_subparsers(dest="command", required=True)
+    download_cmd = commands.add_parser(
+        "download", help="fetch an official file (resumable, SHA-256 checked when known), convert weights to "
+                         ".safetensors; the last line printed is the path to give train.py")
+    download_cmd.add_argument("what", choices=tuple(OFFICIAL_FILES),
+                              help="clip: OpenAI ViT-B/16, sam: SAM ViT-B, vocab: CLIP's BPE vocabulary")
+    download_cmd.add_argument("--out", default="weights", help="folder for the files (default: weights)")
+    download_cmd.add_argument("--url", help="fetch this URL instead of the official one")
+    download_cmd.add_argument("--sha256", type=_sha256_hex,
+                              help="expected SHA-256 of the file (default: the official file's, where known)")
     convert_cmd = commands.add_parser("convert", help="original .pth / TorchScript .pt -> .safetensors")
     convert_cmd.add_argument("src", help="original checkpoint (.pth state dict or OpenAI TorchScript .pt)")
     convert_cmd.add_argument("dst", help="output .safetensors file")
@@ -400,12 +570,24 @@ def main(argv=None) -> int:
     inspect_cmd.add_argument("file")
     args = parser.parse_args(argv)
     try:
-        if args.command == "convert":
+        if args.command == "download":
+            path = download_official(args.what, args.out, args.url, args.sha256)
+            if path.endswith(".safetensors"):
+                print(describe(path))
+            print(path)
+        elif args.command == "convert":
             state = convert(args.src, args.dst)
             print(f"wrote {len(state)} tensors to {args.dst}")
         else:
             print(describe(args.file))
-    except (WeightsError, FileNotFoundError) as e:
+    except DownloadError as e:
+        url = args.url or OFFICIAL_FILES[args.what][0][0]
+        dest = os.path.join(args.out, os.path.basename(url.split("?")[0]))
+        print(f"error: {e}. By hand: fetch it elsewhere (a browser, or `curl -L -C - -o {dest} {url}`), put it at "
+              f"{dest} and run this command again: a file there is checked and converted, not fetched again",
+              file=sys.stderr)
+        return 1
+    except (WeightsError, OSError) as e:  # unreadable or missing files, a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

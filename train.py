@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data
 import synth
 from clip_vit import Tokenizer
-from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
+from eval import BEST_WEIGHTS, NumberRange, draw_curves, evaluate, read_best
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 
@@ -72,7 +72,7 @@ class TrainConfig:
                        "'auto' = paper when weights or a data root are given, else demo",
                        choices=("auto", "paper", "demo"))
     out: str = knob("runs/paper", "run directory: config.json, ckpt.pt, model.safetensors, log.jsonl, "
-                    "train.log, metrics.json")
+                    "curves.png, train.log, metrics.json")
     clip_weights: str | None = knob(None, "CLIP ViT-B/16 safetensors (OpenAI or Hugging Face naming)", "§4.2",
                                     type=str)
     sam_weights: str | None = knob(None, "SAM ViT-B safetensors (segment_anything or Hugging Face naming)",
@@ -308,6 +308,7 @@ def main(argv=None) -> dict:
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
                     f"oIoU {metrics['oIoU']:.2f}")
                 log.json({"step": state.step, "val": metrics})
+                log.curves()
                 if stage == schedule.final_stage:  # in stage 1 the score is the coarse mask's, not the output's
                     keep_best(raw_model, metrics, state, tc, log)
             if state.step >= schedule.max_steps:
@@ -902,6 +903,8 @@ def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: Train
               "peak_memory_mb": peak_memory_mb(procs.device)}
     with open(os.path.join(tc.out, "metrics.json"), "w") as f:
         json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
+    log.json({"step": state.step, "val": metrics})
+    log.curves()
     log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
         f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
     return result
@@ -925,7 +928,7 @@ class RunLog:
         self.images_since_log = 0
         os.makedirs(out, exist_ok=True)
         if master and fresh:  # a fresh run in an old directory starts fresh logs
-            for name in ("train.log", "log.jsonl", "metrics.json", BEST_WEIGHTS):
+            for name in ("train.log", "log.jsonl", "metrics.json", "curves.png", BEST_WEIGHTS):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
 
@@ -939,6 +942,11 @@ class RunLog:
         if self.master:
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def curves(self) -> None:
+        """curves.png: every loss term and val mIoU against the step, redrawn from log.jsonl."""
+        if self.master:
+            draw_curves(os.path.join(self.out, "log.jsonl"), os.path.join(self.out, "curves.png"))
 
     def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
         """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""

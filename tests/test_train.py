@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -96,6 +97,20 @@ def test_run_directory_loads_back_with_eval(micro_root, tmp_path):
     assert_bitwise_equal(trained, {k: v for k, v in model.state_dict().items() if k in trained})
     assert run_config["train"]["max_steps"] == 1 and run_config["vocab"] is None
     assert run_config["held_out"]["synth:unc"]["kept"] == {"images": 8, "refs": 22}  # synth: one split per image
+
+
+def test_curves_png_is_drawn_at_every_validation_and_at_the_end(micro_root, tmp_path, monkeypatch):
+    out, drawn = tmp_path / "run", []
+
+    def draw_and_record(log, png):
+        drawn.append([r["step"] for r in read_log(out) if "val" in r])  # the validations logged so far
+        return draw_curves(log, png)
+    draw_curves = train.draw_curves
+    monkeypatch.setattr(train, "draw_curves", draw_and_record)
+    train.main(micro_args(micro_root, out, "--max-steps", "4", "--eval-every", "2"))
+    assert drawn == [[2], [2, 4], [2, 4, 4]]  # steps 2 and 4, then the final validation (all val images)
+    width, height = Image.open(out / "curves.png").size
+    assert 600 <= width <= 1600 and 200 <= height <= 1000  # loss, clip_seg, icl_clip, sam_seg, icl_sam + 2 val
 
 
 # ---- resume ----
