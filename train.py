@@ -330,16 +330,14 @@ def main(argv=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 HOW_TO_GET = {
-    "clip_weights": "download https://huggingface.co/openai/clip-vit-base-patch16/resolve/main/model.safetensors "
-                    "(Hugging Face naming is read directly), or convert OpenAI's ViT-B-16.pt with "
-                    "`python load_weights.py convert ViT-B-16.pt clip_vit_b16.safetensors`",
-    "sam_weights": "download https://huggingface.co/facebook/sam-vit-base/resolve/main/model.safetensors, or "
-                   "convert sam_vit_b_01ec64.pth (segment-anything's model zoo) with "
-                   "`python load_weights.py convert sam_vit_b_01ec64.pth sam_vit_b.safetensors`",
-    "vocab": "get bpe_simple_vocab_16e6.txt.gz from the openai/CLIP repository (clip/), or vocab.json + "
-             "merges.txt from huggingface.co/openai/clip-vit-base-patch16",
-    "data_root": "put the refer annotations (github.com/lichengunc/refer: refcoco/refs(unc).p, instances.json, "
-                 "...) under DATA_ROOT/<dataset>/ and COCO train2014 images under DATA_ROOT/images/train2014/",
+    "clip_weights": "run `python load_weights.py download clip` (OpenAI's ViT-B-16.pt, SHA-256 checked, converted; "
+                    "it prints the path), or pass Hugging Face's openai/clip-vit-base-patch16 model.safetensors",
+    "sam_weights": "run `python load_weights.py download sam` (segment-anything's sam_vit_b_01ec64.pth, converted; "
+                   "it prints the path), or pass Hugging Face's facebook/sam-vit-base model.safetensors",
+    "vocab": "run `python load_weights.py download vocab` (OpenAI's bpe_simple_vocab_16e6.txt.gz), or pass a "
+             "Hugging Face vocab.json with merges.txt beside it",
+    "data_root": "run `python data.py download --data-root DATA_ROOT --images` (the refer annotations and COCO "
+                 "train2014 in the refer layout; --from DIR takes zips fetched by hand)",
 }
 
 
