@@ -343,7 +343,7 @@ def test_missing_weights_file_fails_before_any_work(tmp_path):
     out = tmp_path / "run"
     args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
             "--data-root", str(tmp_path), "--out", str(out)]
-    with pytest.raises(FileNotFoundError, match=r"--clip-weights .*clip\.safetensors: no such file; download"):
+    with pytest.raises(FileNotFoundError, match=r"--clip-weights .*clip\.safetensors: no such file; run .python load_weights.py download clip"):
         train.main(args)
     assert not out.exists()
 
@@ -354,7 +354,7 @@ def test_missing_data_fails_before_any_work(tmp_path):
     out = tmp_path / "run"
     args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
             "--data-root", str(tmp_path / "refer"), "--out", str(out)]
-    with pytest.raises(FileNotFoundError, match=r"refcoco/refs\(unc\)\.p.*lichengunc/refer"):
+    with pytest.raises(FileNotFoundError, match=r"refcoco/refs\(unc\)\.p.*python data.py download"):
         train.main(args)
     assert not out.exists()
 
