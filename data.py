@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_vit import CLIP_MEAN, CLIP_STD
+from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
 import synth
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 
@@ -767,16 +767,21 @@ def collate(items: Sequence[dict]) -> dict:
     Sentences of all images are flattened in item order; `image_index[n]` says which image
     sentence n belongs to. Besides the contract's keys, `category_ids` (N,) long is included
     (for the seen/unseen report of the open-vocabulary setting).
+
+    Whatever a training step would otherwise read back from the device is settled here, on the CPU:
+    tokens are cut after the longest sentence (to a multiple of 8, clip_vit.cut_tokens) and image_index
+    is valid by construction, so the model runs with `prepared=True`. Masks stay uint8 (a quarter of
+    float32's bytes on the way to the device; the loss converts them there).
     """
     counts = torch.tensor([len(it["sentences"]) for it in items])
     batch = {
         "clip_images": torch.stack([it["clip_image"] for it in items]),  # (B, 3, Hc, Hc)
         "sam_images": (torch.stack([it["sam_image"] for it in items])  # (B, 3, S, S)
                        if all(it["sam_image"] is not None for it in items) else None),
-        "tokens": torch.cat([it["tokens"] for it in items]),  # (N, 77)
+        "tokens": cut_tokens(torch.cat([it["tokens"] for it in items])),  # (N, L <= 77)
         "image_index": torch.repeat_interleave(torch.arange(len(items)), counts),  # (N,)
         "instance_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
-        "masks": torch.from_numpy(np.concatenate([it["masks"] for it in items])).float(),
+        "masks": torch.from_numpy(np.concatenate([it["masks"] for it in items])),  # (N, S, S) uint8
         "image_ids": torch.tensor([it["image_id"] for it in items]),
         "input_sizes": torch.tensor([it["input_size"] for it in items]),  # (B, 2)
         "original_sizes": torch.tensor([it["original_size"] for it in items]),  # (B, 2)

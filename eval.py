@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from clip_vit import Tokenizer
+from clip_vit import Tokenizer, cut_tokens
 from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
@@ -263,7 +263,7 @@ def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mas
         _sync(device)
         encoded = time.perf_counter()
         out = model(clip_images, tokens, image_index, sam_embeddings=sam_embeddings, use_sam=use_sam,
-                    prompts=prompts)
+                    prompts=prompts, prepared=True)  # cut and checked on the CPU: no host sync
         _sync(device)
     if timing is not None:
         timing.sam_encoder_s += encoded - start
@@ -410,7 +410,7 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     clip_image, sam_image, valid = preprocess_image(image, config.clip_image_size, config.sam.image_size)
     return {
         "clip_images": clip_image[None], "sam_images": sam_image[None],  # (1, 3, Hc, Hc), (1, 3, S, S)
-        "tokens": tokenizer(texts, config.clip.context_length), "image_index": torch.zeros(len(texts), dtype=torch.long),
+        "tokens": cut_tokens(tokenizer(texts, config.clip.context_length)), "image_index": torch.zeros(len(texts), dtype=torch.long),
         "input_sizes": torch.tensor([valid]), "original_sizes": torch.tensor([[image.height, image.width]]),
     }
 

@@ -409,12 +409,15 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> lis
 
 def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None) -> dict:
     """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum). Without given SAM
-    features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"] itself."""
-    sam_images = batch["sam_images"].to(device) if use_sam and sam_features is None else None
-    index = batch["image_index"].to(device)
-    out = model(batch["clip_images"].to(device), batch["tokens"].to(device), index, sam_embeddings=sam_features,
-                sam_images=sam_images, use_sam=use_sam)
-    return total_loss(out, batch["masks"].to(device), batch["instance_ids"].to(device), index)
+    features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"] itself.
+    Copies are asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
+    def to(key):
+        return batch[key].to(device, non_blocking=True)
+    sam_images = to("sam_images") if use_sam and sam_features is None else None
+    index = to("image_index")
+    out = model(to("clip_images"), to("tokens"), index, sam_embeddings=sam_features, sam_images=sam_images,
+                use_sam=use_sam, prepared=True)
+    return total_loss(out, to("masks"), to("instance_ids"), index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,24 +746,18 @@ def epoch_loader(train_set, sampler: DistributedSampler, state: TrainState, sche
 def train_step(model, raw_model: PromptRIS, batch: dict, optimizer, params, stage: int, tc: TrainConfig,
                procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool, state: TrainState) -> dict:
     """Forward, Eq. (9), backward and one AdamW update; returns the loss terms averaged over the ranks.
-    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays)."""
+    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays).
+    Values come back as floats, including "grad_norm" (DDP averaged the gradients: the same on every rank)."""
     with autocast(procs.device, amp_dtype):
         features = None
         if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
             with torch.no_grad():
                 features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
         terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features)
-    values = mean_over_ranks(terms, procs)  # every rank sees the same values, so a NaN stops all at once
-    bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
-    kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"
-    if bad:
-        raise FloatingPointError(f"step {state.step + 1}: loss term '{bad[0]}' is {values[bad[0]]}; stopped before "
-                                 f"the update, {kept}")
     terms["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-    if not torch.isfinite(grad_norm):  # DDP averaged the gradients: every rank stops here together
-        raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopped before the "
-                                 f"update, {kept}")
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    values = mean_over_ranks(terms, procs)  # the step's one host sync; every rank sees the same values
+    stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values
@@ -773,6 +770,16 @@ def mean_over_ranks(terms: dict, procs: Processes) -> dict:
         dist.all_reduce(values)  # sum (gloo has no average)
         values /= procs.world
     return dict(zip(terms, values.tolist()))
+
+
+def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
+    """A NaN or inf loss term (checked first, "loss" last) or gradient norm stops every rank at once."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
+        raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
+                                 f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} "
+                                 f"(step {state.last_saved})")
 
 
 def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:
