@@ -444,9 +444,11 @@ class PromptRIS(nn.Module):
         # Eq. (3): M = Gumbel-SoftMax(S_C); e_p = sum_i M_i E_i, E = Fourier table + foreground label embedding.
         # M sums to one, so the label embedding is added once; it stays a live parameter (trainable SAM).
         m = straight_through_gumbel(coarse_up.flatten(1), self.config.gumbel_tau, sample=self.training)  # (N, 16hw)
-        with full_precision(m.device):  # float32: E is SAM's exact encoding, m exactly one-hot
-            e_p = m @ self.point_pe_table + self.sam.prompt_encoder.point_embeddings[1].weight.float()  # (N, C)
-        return e_p[:, None], m.argmax(dim=-1)
+        table, point = self.point_pe_table, m.argmax(dim=-1)  # E (16hw, C) float32, chosen cell (N,)
+        with full_precision(m.device):  # forward: E's row itself (exact also with TF32 matmuls); backward: the
+            straight_through = (m - m.detach()) @ table  # gradient of M E (exactly 0 in the forward)
+            e_p = table[point] + straight_through + self.sam.prompt_encoder.point_embeddings[1].weight.float()
+        return e_p[:, None], point  # (N, 1, C), (N,)
 
     def prompt_keep(self, n: int, prompts: Sequence[str], device) -> torch.Tensor:
         """(N, 3) bool, columns PROMPT_TYPES: which prompts each sentence gives SAM. The enabled subset

@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
             log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
                 f"oIoU {state.untrained['oIoU']:.2f}")
         torch.manual_seed(tc.seed + procs.rank)  # each rank its own Gumbel noise and prompt dropout
+    reset_peak_memory(procs.device)
     model = wrap_model(raw_model, tc, procs)  # compile and DDP; checkpoints keep raw_model
     del ckpt
 
@@ -488,31 +489,33 @@ def atomic_write(path: str, write) -> None:
         os.close(folder)
 
 
-def rng_state() -> dict:
-    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), CUDA."""
+def rng_state(device: torch.device) -> dict:
+    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), and its
+    own GPU's only (a list of one, or empty), so that a run resumes on a machine with fewer GPUs."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and device.type == "cuda":  # checkpoints before this format hold every GPU's state: take ours
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index], device)
 
 
 @contextlib.contextmanager
-def rng_untouched():
+def rng_untouched(device: torch.device):
     """Validation in the middle of training must not shift the training's random streams."""
-    state = rng_state()
+    state = rng_state(device)
     try:
         yield
     finally:
-        set_rng_state(state)
+        set_rng_state(state, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -526,9 +529,9 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
     """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
     states = [None] * procs.world
     if procs.ddp:
-        dist.all_gather_object(states, rng_state())
+        dist.all_gather_object(states, rng_state(procs.device))
     else:
-        states = [rng_state()]
+        states = [rng_state(procs.device)]
     if procs.master:
         atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
@@ -547,7 +550,7 @@ def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str)
         raise CheckpointError(f"{path}: written by {len(ckpt['rng'])} processes, resumed with {procs.world}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"][procs.rank])
+    set_rng_state(ckpt["rng"][procs.rank], procs.device)
     if procs.master:  # log lines after the checkpoint belong to the lost part of the run
         _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
     return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"])
@@ -600,20 +603,22 @@ class Processes:
 
 
 def setup_processes(tc: TrainConfig) -> Processes:
-    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process."""
+    """One process per GPU under torchrun (NCCL on cuda:LOCAL_RANK; gloo on CPU), else a single process."""
     under_torchrun = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     if under_torchrun:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-    if under_torchrun and name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device)
+    if device.type == "cuda":
+        device = cuda_device(device, under_torchrun, local_rank)
+        torch.cuda.set_device(device)  # before NCCL starts, so its communicator lives on this GPU
+        # TF32 tensor cores for float32 matmuls. What must stay exact is not rounded: SAM's positional encodings
+        # are computed where the weights load (CPU) and cached, Eq. (3) reads E's row without a matmul
+        torch.set_float32_matmul_precision("high")
     if under_torchrun:
-        # long timeout: the other ranks wait in a collective while rank 0 runs a full validation pass
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        # long timeout: a rank that finishes its validation shard early waits for the others in a collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device if device.type == "cuda" else None)
     if tc.images_per_batch % world:
         raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
     if tc.threads:
@@ -623,9 +628,35 @@ def setup_processes(tc: TrainConfig) -> Processes:
     return Processes(rank, local_rank, world, device)
 
 
+def cuda_device(asked: torch.device, under_torchrun: bool, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun (an explicit index there is an error), else the GPU asked for."""
+    if under_torchrun and asked.index is not None:
+        raise ValueError(f"--device {asked}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                         "(or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", local_rank if under_torchrun else (asked.index or 0))
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+                         + (f" (LOCAL_RANK={local_rank}: start at most that many processes per node)"
+                            if under_torchrun else ""))
+    return device
+
+
 def autocast_dtype(tc: TrainConfig, device: torch.device):
-    """bfloat16 on CUDA (or when asked), else None = float32 without autocast."""
-    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda") else None
+    """bfloat16 where it runs natively (or when asked), else None = float32 without autocast.
+    auto: bfloat16 on a GPU with bfloat16 support (torch.cuda.is_bf16_supported()), float32 elsewhere."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if tc.dtype == "bfloat16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError(f"--dtype bfloat16: {device} does not support bfloat16; use --dtype float32 (or auto)")
+    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and bf16_gpu) else None
+
+
+def describe_dtype(tc: TrainConfig, device: torch.device, amp_dtype) -> str:
+    """What the run header says about precision, and why when auto fell back to float32 on a GPU."""
+    if amp_dtype is not None:
+        return f"autocast {amp_dtype}"
+    if tc.dtype == "auto" and device.type == "cuda":
+        return "float32: this GPU does not support bfloat16 (torch.cuda.is_bf16_supported() is False)"
+    return "float32"
 
 
 def autocast(device: torch.device, amp_dtype):
@@ -653,11 +684,19 @@ def shutdown(procs: Processes) -> None:
         dist.destroy_process_group()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MiB."""
+def peak_memory_mb(device: torch.device) -> dict:
+    """{"peak_memory_mb": peak GPU memory allocated by tensors, "peak_reserved_mb": held by the caching
+    allocator (what nvidia-smi shows)}, since reset_peak_memory; on CPU the process's peak resident set size."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Training's peak, not the untrained validation's (its batches are whole images' sentences)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,7 +827,7 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
     output = "mask" if stage == 2 else "coarse"
     loader = DataLoader(dataset, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
                         num_workers=tc.num_workers)
-    with rng_untouched():
+    with rng_untouched(procs.device):
         return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype)
 
 
@@ -797,14 +836,15 @@ def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: Train
     """model.safetensors, the whole validation split, metrics.json (rank 0)."""
     save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-    result = {"metrics": metrics, "wall_s": time.time() - started, "peak_memory_mb": peak_memory_mb(procs.device)}
+    result = {"metrics": metrics, "wall_s": time.time() - started, **peak_memory_mb(procs.device)}
     with open(os.path.join(tc.out, "metrics.json"), "w") as f:
         json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
     untrained = state.untrained["mIoU"] if state.untrained else float("nan")
     log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
         f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+    reserved = f", {result['peak_reserved_mb']:.0f} MiB reserved" if "peak_reserved_mb" in result else ""
     log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-        f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
+        f"({'GPU allocated' + reserved if procs.device.type == 'cuda' else 'max RSS'})")
     return result
 
 
@@ -838,7 +878,7 @@ class RunLog:
     def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
         """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""
         self(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {procs.device} x "
-             f"{procs.world} ({'autocast ' + str(amp_dtype) if amp_dtype else 'float32'})")
+             f"{procs.world} ({describe_dtype(tc, procs.device, amp_dtype)})")
         self(f"trainable parameters: {model.count_parameters():,} of {model.count_parameters(False):,}")
         self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
              "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
@@ -855,12 +895,17 @@ class RunLog:
         if self.master:
             pbar.update(1)
             pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
-                "lr": f"{lr:.2e}", "stage": stage, "img/s": f"{tc.images_per_batch / step_s:.0f}"})
+                "lr": f"{lr:.2e}", "stage": stage, "img/s": significant(tc.images_per_batch / step_s)})
         if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
             now = time.time()
             self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
                        "images_per_s": self.images_since_log / (now - self.t_log), "elapsed_s": now - self.started})
             self.t_log, self.images_since_log = now, 0
+
+
+def significant(x: float, digits: int = 2) -> str:
+    """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
+    return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
 
 
 def _truncate_log(path: str, step: int) -> None:

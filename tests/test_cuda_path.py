@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import sam as sam_module
 import synth
 import train
@@ -160,3 +161,119 @@ def test_compiled_training_compiles_a_bounded_number_of_graphs(micro_root, tmp_p
     torch._dynamo.reset()
     assert result["step"] == 20
     assert 2 <= len(graphs) <= 4, f"{len(graphs)} graphs compiled in 20 steps"
+
+
+def test_point_prompt_forward_is_the_exact_table_row_and_backward_the_straight_through_gradient():
+    """Eq. (3) reads E's row (no matmul to round, TF32 included); the gradient is that of M E."""
+    model = tiny_model().eval()
+    coarse_up = torch.randn(3, 1, 64, 64, requires_grad=True)
+    e_p, point = model.point_prompt(coarse_up)
+    label = model.sam.prompt_encoder.point_embeddings[1].weight
+    assert torch.equal(e_p[:, 0], model.point_pe_table[point] + 0.0 + label)
+    v = torch.randn_like(e_p)
+    (e_p * v).sum().backward()
+    logits = coarse_up.detach().flatten(1).clone().requires_grad_()
+    (torch.softmax(logits, dim=-1) @ model.point_pe_table * v[:, 0]).sum().backward()  # through M E (tau = 1)
+    torch.testing.assert_close(coarse_up.grad.flatten(1), logits.grad)
+
+
+# ---- 6. DDP and devices (torchrun's environment and CUDA mocked) ----
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Two bf16-capable GPUs and a process group that only records how it was started."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(train.dist, "init_process_group",
+                        lambda backend, **kw: events.append(("init", backend, kw.get("device_id"))))
+    precision = torch.get_float32_matmul_precision()
+    yield events
+    torch.set_float32_matmul_precision(precision)  # setup_processes switched this process to TF32
+
+
+def torchrun_env(monkeypatch, rank, local_rank, world):
+    for key, value in dict(RANK=rank, LOCAL_RANK=local_rank, WORLD_SIZE=world).items():
+        monkeypatch.setenv(key, str(value))
+
+
+def processes(*flags):
+    return train.setup_processes(train.parse_args(["--config", "demo", "--threads", "0", *flags]))
+
+
+def test_torchrun_on_cuda_uses_local_rank_and_sets_the_device_before_nccl(fake_gpus, monkeypatch):
+    torchrun_env(monkeypatch, rank=3, local_rank=1, world=4)
+    procs = processes()
+    assert procs.device == torch.device("cuda", 1) and (procs.rank, procs.world) == (3, 4)
+    assert fake_gpus == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1))]
+    assert torch.get_float32_matmul_precision() == "high"  # the training path runs TF32 matmuls
+
+
+def test_explicit_gpu_under_torchrun_and_missing_gpus_are_clear_errors(fake_gpus, monkeypatch):
+    torchrun_env(monkeypatch, rank=0, local_rank=0, world=2)
+    with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each process uses cuda:LOCAL_RANK"):
+        processes("--device", "cuda:1")
+    torchrun_env(monkeypatch, rank=2, local_rank=2, world=4)
+    with pytest.raises(ValueError, match=r"cuda:2 asked for, but this machine has 2 GPU\(s\) \(LOCAL_RANK=2"):
+        processes()
+    assert not any(e[0] == "init" for e in fake_gpus)
+
+
+def test_torchrun_on_cpu_stays_gloo(fake_gpus, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torchrun_env(monkeypatch, rank=1, local_rank=1, world=2)
+    procs = processes("--device", "auto")
+    assert procs.device == torch.device("cpu") and fake_gpus == [("init", "gloo", None)]
+
+
+def test_dtype_auto_picks_bf16_only_where_the_gpu_has_it(fake_gpus, monkeypatch):
+    tc, gpu = train.parse_args(["--config", "demo"]), torch.device("cuda", 0)
+    assert train.autocast_dtype(tc, gpu) == torch.bfloat16
+    assert train.autocast_dtype(tc, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.autocast_dtype(tc, gpu) is None
+    assert "does not support bfloat16" in train.describe_dtype(tc, gpu, None)
+    with pytest.raises(ValueError, match="--dtype bfloat16: cuda:0 does not support bfloat16"):
+        train.autocast_dtype(train.parse_args(["--config", "demo", "--dtype", "bfloat16"]), gpu)
+
+
+def test_checkpoint_rng_holds_only_its_own_gpu_and_old_checkpoints_still_load(monkeypatch):
+    """A rank on cuda:1 saves one CUDA state (its own), so a machine with fewer GPUs can resume it; a
+    checkpoint of the old format (every GPU's state) gives each rank its own device's entry."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append(("set", int(s[0]), device)))
+    gpu1 = torch.device("cuda", 1)
+    state = train.rng_state(gpu1)
+    assert len(state["cuda"]) == 1 and calls == [("get", gpu1)]
+    train.set_rng_state(state, gpu1)
+    old_format = state | {"cuda": [torch.zeros(4), torch.full((4,), 7.0)]}
+    train.set_rng_state(old_format, gpu1)
+    assert calls[1:] == [("set", 1, gpu1), ("set", 7, gpu1)]
+    assert train.rng_state(torch.device("cpu"))["cuda"] == []
+
+
+def test_peak_memory_reports_allocated_and_reserved_of_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 3 * 2**20 if d.index == 1 else 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 5 * 2**20 if d.index == 1 else 0)
+    assert train.peak_memory_mb(torch.device("cuda", 1)) == {"peak_memory_mb": 3, "peak_reserved_mb": 5}
+
+
+def test_images_per_second_keep_two_significant_digits():
+    """A paper step on CPU (16 images in ~640 s) showed img/s=0."""
+    assert [train.significant(x) for x in (0.025, 0.0251, 1.234, 16.3, 123.4)] == ["0.025", "0.025", "1.2", "16", "123"]
+
+
+# ---- 7. bench.py on CUDA ----
+
+
+def test_bench_synchronises_the_gpu_it_runs_on(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(torch.device(device)))
+    bench._sync("cuda:3")
+    bench._sync("cpu")
+    assert synced == [torch.device("cuda", 3)]
