@@ -21,6 +21,7 @@ per image). Each evaluation prints its own measured numbers.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm import tqdm
 
 from clip_vit import Tokenizer, cut_tokens
 from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
@@ -95,13 +97,24 @@ class RISMetrics:
         self.instance_keys.append(own if ann_id is None else int(ann_id))
         return iou
 
+    def merge(self, others: list["RISMetrics"]) -> "RISMetrics":
+        """This and other processes' metrics (each its own shard of images) as one. Pixel counts are integers
+        and compute() sums exactly (math.fsum), so the result equals one process's over all the images."""
+        for other in others:
+            self.intersection += other.intersection
+            self.union += other.union
+            self.ious += other.ious
+            self.image_keys += other.image_keys
+            self.instance_keys += other.instance_keys
+        return self
+
     def compute(self) -> dict:
         """{"oIoU", "mIoU", "P@0.5".."P@0.9", "ImgAcc", "InstAcc": percent, "n": expressions}."""
         if not self.ious:
             raise ValueError("RISMetrics.compute: no expression was added (empty evaluation set?)")
         ious = np.asarray(self.ious)
         result = {"oIoU": 100.0 * (self.intersection / self.union if self.union else 1.0),
-                  "mIoU": 100.0 * float(ious.mean())}
+                  "mIoU": 100.0 * math.fsum(self.ious) / len(self.ious)}  # exact sum: the same in any order
         for x in THRESHOLDS:
             result[f"P@{x}"] = 100.0 * float((ious > x).mean())
         result["ImgAcc"] = 100.0 * _mean_of_group_means(ious, self.image_keys)
@@ -112,9 +125,10 @@ class RISMetrics:
 
 def _mean_of_group_means(values: np.ndarray, keys: list) -> float:
     groups: dict = {}
-    for value, key in zip(values, keys):
+    for value, key in zip(values.tolist(), keys):
         groups.setdefault(key, []).append(value)
-    return float(np.mean([np.mean(g) for g in groups.values()]))
+    means = [math.fsum(g) / len(g) for g in groups.values()]
+    return math.fsum(means) / len(means)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +332,16 @@ def _save_panels(model, out, batch, b, rows, preds, ious, output, prompts, vis_d
 
 @torch.no_grad()
 def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", prompts=None,
-             amp_dtype=None, vis_dir=None, max_vis: int = 0) -> dict:
+             amp_dtype=None, vis_dir=None, max_vis: int = 0, gather=None, progress: bool = True) -> dict:
     """Metrics of `model` over a loader of collate()d RefEvalSet batches.
 
     output: "mask" (final SAM mask) or "coarse" (CLIP-only S'_C, Table 3); prompts: subset of
     mask/point/text given to SAM (Table 5), None = the model's config. Each prediction is compared
     at the original resolution. vis_dir / max_vis: save Fig. 4-style panels of the first max_vis
     expressions (with the ground truth outlined). The model's train/eval mode is restored.
+    gather: RISMetrics of this process -> those of all processes (train.validate shards the images over the
+    DDP ranks). progress: a tqdm bar over the batches. Logits are thresholded at the original size on the
+    device; only bool masks reach the host.
 
     Returns RISMetrics.compute() plus timings: "s_per_expression" and, for output="mask",
     "s_per_expression_no_reuse", "reuse_speedup", "sam_encoder_s_per_image".
@@ -340,14 +357,14 @@ def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", pr
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc=f"eval {output}", disable=not progress, leave=False, dynamic_ncols=True):
             out = run_model(model, batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype,
                             timing=timing)
-            out = {k: v.cpu() for k, v in out.items()}
             for b in range(batch["clip_images"].shape[0]):
                 rows = (batch["image_index"] == b).nonzero()[:, 0]  # this image's sentences
                 input_size, original_size = batch["input_sizes"][b].tolist(), batch["original_sizes"][b].tolist()
-                preds = (to_original(model, out[output][rows], input_size, original_size) > 0).numpy()
+                logits = to_original(model, out[output][rows.to(out[output].device)], input_size, original_size)
+                preds = (logits > 0).cpu().numpy()  # (n, H, W) bool: resized and thresholded on the device
                 ious = [metrics.update(pred, batch["gt_original"][n], image_id=batch["image_ids"][b],
                                        ann_id=batch["ann_ids"][n]) for pred, n in zip(preds, rows.tolist())]
                 if vis_dir and saved < max_vis:
@@ -357,7 +374,7 @@ def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", pr
                     saved += len(rows[keep])
     finally:
         model.train(was_training)
-    return metrics.compute() | timing.summary()
+    return (gather(metrics) if gather else metrics).compute() | timing.summary()
 
 
 # ---------------------------------------------------------------------------------------------

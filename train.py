@@ -244,10 +244,10 @@ def main(argv=None) -> dict:
             f"{schedule.steps_per_epoch})")
     else:
         state = TrainState()
-        if procs.master:
-            state.untrained = validate(raw_model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-            log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
-                f"oIoU {state.untrained['oIoU']:.2f}")
+        # every rank scores its shard of --val-images (the whole split is scored at the end)
+        state.untrained = validate(raw_model, periodic_val, schedule.final_stage, tc, procs, amp_dtype)
+        log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
+            f"oIoU {state.untrained['oIoU']:.2f}")
         torch.manual_seed(tc.seed + procs.rank)  # each rank its own Gumbel noise and prompt dropout
     reset_peak_memory(procs.device)
     model = wrap_model(raw_model, tc, procs)  # compile and DDP; checkpoints keep raw_model
@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
             log.step(pbar, state, values, lr, stage, time.time() - t_step, tc, schedule)
             if state.step % tc.save_every == 0:
                 save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
-            if tc.eval_every and state.step % tc.eval_every == 0 and procs.master:
+            if tc.eval_every and state.step % tc.eval_every == 0:
                 metrics = validate(raw_model, periodic_val, stage, tc, procs, amp_dtype)
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
                     f"oIoU {metrics['oIoU']:.2f}")
@@ -280,8 +280,7 @@ def main(argv=None) -> dict:
 
     # -- final evaluation on the whole validation split, and the files eval.py reads --
     result = {"step": state.step, "untrained": state.untrained, "out": tc.out}
-    if procs.master:
-        result |= final_evaluation(raw_model, val_set, schedule, state, tc, procs, amp_dtype, log, started)
+    result |= final_evaluation(raw_model, val_set, schedule, state, tc, procs, amp_dtype, log, started)
     shutdown(procs)
     return result
 
@@ -822,23 +821,38 @@ def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None
 
 
 def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:
-    """Rank 0 evaluates the unwrapped model: the coarse mask in stage 1, SAM's mask in stage 2. The
-    training's random streams are left exactly where they were."""
+    """Every rank evaluates the unwrapped model on its shard of the images (rank, rank + world, ...) and the
+    pixel counts are gathered, so every rank returns the metrics one process gives over all of them: the
+    coarse mask in stage 1, SAM's mask in stage 2. The training's random streams are left where they were."""
     output = "mask" if stage == 2 else "coarse"
-    loader = DataLoader(dataset, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
-                        num_workers=tc.num_workers)
+    shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.ddp else dataset
+    loader = DataLoader(shard, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
+                        num_workers=tc.num_workers, pin_memory=procs.device.type == "cuda")
     with rng_untouched(procs.device):
-        return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype)
+        return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype,
+                                             gather=lambda metrics: gather_metrics(metrics, procs),
+                                             progress=procs.master)
+
+
+def gather_metrics(metrics, procs: Processes):
+    """Every rank's RISMetrics (per-expression integer pixel counts and ids, a few MB) merged on every rank."""
+    if not procs.ddp:
+        return metrics
+    parts = [None] * procs.world
+    dist.all_gather_object(parts, metrics)
+    return parts[0].merge(parts[1:])
 
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
                      procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
-    """model.safetensors, the whole validation split, metrics.json (rank 0)."""
-    save_run_model(model, os.path.join(tc.out, "model.safetensors"))
+    """The whole validation split on every rank's shard; model.safetensors and metrics.json from rank 0."""
+    if procs.master:
+        save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
     result = {"metrics": metrics, "wall_s": time.time() - started, **peak_memory_mb(procs.device)}
-    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-        json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
+    if procs.master:
+        with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+            json.dump(metrics | {"step": state.step, "untrained": state.untrained}, f, indent=1)
     untrained = state.untrained["mIoU"] if state.untrained else float("nan")
     log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
         f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))

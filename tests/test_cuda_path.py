@@ -5,9 +5,13 @@ CPU autocast to bfloat16 casts the same matmuls as CUDA autocast, so the float32
 encodings, Eq. (2), Eq. (3), the losses) are exercised here exactly as they run on a GPU.
 """
 import dataclasses
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bench
@@ -277,3 +281,41 @@ def test_bench_synchronises_the_gpu_it_runs_on(monkeypatch):
     bench._sync("cuda:3")
     bench._sync("cpu")
     assert synced == [torch.device("cuda", 3)]
+
+
+# ---- 5. validation on every rank ----
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validation_metrics(root, procs):
+    """Both stages' validation of the untrained micro model on 5 val images (uneven shards over 2 ranks)."""
+    tc = train.parse_args(micro_args(root, "unused"))
+    torch.manual_seed(0)
+    model, _ = train.build_model(tc)
+    _, val_set = train.build_data(tc, train.Tokenizer(None), master=True)
+    timing = ("s_per_expression", "s_per_expression_no_reuse", "reuse_speedup", "sam_encoder_s_per_image")
+    return {stage: {k: v for k, v in train.validate(model, val_set, stage, tc, procs, None).items()
+                    if k not in timing} for stage in (1, 2)}
+
+
+def _validation_worker(rank, world, port, root, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    metrics = validation_metrics(root, train.Processes(rank, rank, world, torch.device("cpu")))
+    torch.save(metrics, os.path.join(out, f"metrics{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_validation_gives_exactly_the_one_process_metrics(tmp_path):
+    root = str(tmp_path / "data")
+    synth.make_synth(root, seed=0, n_train=4, n_val=5, n_testA=1, n_testB=1)
+    mp.spawn(_validation_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    single = validation_metrics(root, train.Processes(0, 0, 1, torch.device("cpu")))
+    assert single[1]["n"] > 5 and single[2]["output"] == "mask"
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) == single  # exact, every rank
