@@ -32,6 +32,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -235,7 +236,7 @@ def main(argv=None) -> dict:
     params = raw_model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
                                   fused=procs.device.type in ("cpu", "cuda"))       # faster than per tensor
-    sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype)
+    sam_cache = train_set.sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype, len(train_set), log)
 
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
@@ -425,37 +426,51 @@ def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None)
 # ---------------------------------------------------------------------------------------------
 
 
-def sam_weights_hash(model: PromptRIS, amp_dtype) -> str:
-    """Key of the embedding cache: SAM image-encoder weights, input size and autocast dtype."""
-    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}".encode())
+def sam_weights_hash(model: PromptRIS, amp_dtype, data_root: str = "") -> str:
+    """Key of the embedding cache: SAM image-encoder weights, input size, autocast dtype and the data root
+    (image ids of another dataset would name other images)."""
+    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}/{os.path.abspath(data_root)}".encode())
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype) -> str | None:
-    """--cache-sam DIR/<hash of SAM's encoder weights>: only a frozen SAM's embeddings can be cached."""
+def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype, n_images: int,
+                  log) -> str | None:
+    """--cache-sam DIR/<hash of SAM's encoder weights, dtype, data root>: only a frozen SAM's embeddings can be
+    cached. Says how much disk the cache takes, and stops before training when the disk lacks it."""
     if not tc.cache_sam or train_towers:
         return None
-    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype))
+    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype, tc.data_root or ""))
     os.makedirs(folder, exist_ok=True)
+    c, (h, w) = model.config.sam.prompt_dim, model.sam.prompt_encoder.image_embedding_size
+    per_image = c * h * w * (amp_dtype or torch.float32).itemsize  # stored as the encoder gives it
+    cached = sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".pt"))
+    needed, free = max(n_images * per_image - cached, 0), shutil.disk_usage(folder).free
+    log(f"--cache-sam {folder}: {n_images} images x {per_image / 2**20:.1f} MiB = "
+        f"{n_images * per_image / 2**30:.2f} GiB ({cached / 2**30:.2f} GiB cached, {free / 2**30:.1f} GiB free)")
+    if needed > free:
+        raise OSError(f"--cache-sam {tc.cache_sam}: the cache needs {needed / 2**30:.2f} GiB more, the disk has "
+                      f"{free / 2**30:.2f} GiB free; free space, choose another directory or drop --cache-sam")
     return folder
 
 
 def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None) -> torch.Tensor:
     """F_IS (B, C, h, w) for the batch's images. SAM's encoder is frozen, so no graph is kept and an
     image's embedding never changes: computed once per image (not per sentence) and, with a cache
-    directory, read back in later epochs (DataLoader images are not augmented, so this is exact)."""
+    directory, read back in later epochs by the DataLoader workers (batch["sam_embeddings"]; images are not
+    augmented, so this is exact). New embeddings are stored as the encoder gives them (bf16 under autocast)."""
     if cache_dir is None:
-        return model.encode_sam_image(batch["sam_images"].to(device))
-    paths = [os.path.join(cache_dir, f"{int(i)}.pt") for i in batch["image_ids"]]
-    missing = [b for b, p in enumerate(paths) if not os.path.isfile(p)]
-    if missing:
-        fresh = model.encode_sam_image(batch["sam_images"][missing].to(device))
-        for b, embedding in zip(missing, fresh):
-            atomic_write(paths[b], lambda f, e=embedding: torch.save(e.float().cpu().clone(), f))
-    return torch.stack([torch.load(p, map_location=device, weights_only=True) for p in paths])
+        return model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True))
+    embeddings = batch["sam_embeddings"]
+    missing = [b for b, e in enumerate(embeddings) if e is None]
+    fresh = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if missing else []
+    for b, embedding in zip(missing, fresh):
+        path = data.sam_cache_path(cache_dir, batch["image_ids"][b])
+        write_then_rename(path, lambda f, e=embedding: torch.save(e.cpu().clone(), f))
+    fresh = dict(zip(missing, fresh))
+    return torch.stack([fresh[b] if e is None else e.to(device, non_blocking=True) for b, e in enumerate(embeddings)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +480,15 @@ def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+
+
+def write_then_rename(path: str, write) -> None:
+    """write(f) into `path`.tmp<pid>, then os.replace: readers see the whole file or none. No fsync: after a
+    crash a cache file is at worst missing (recomputed), and a leftover .tmp file is never read."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def atomic_write(path: str, write) -> None:

@@ -6,6 +6,7 @@ encodings, Eq. (2), Eq. (3), the losses) are exercised here exactly as they run 
 """
 import dataclasses
 import os
+import shutil
 import socket
 
 import pytest
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bench
+import data
 import sam as sam_module
 import synth
 import train
@@ -319,3 +321,42 @@ def test_two_process_validation_gives_exactly_the_one_process_metrics(tmp_path):
     assert single[1]["n"] > 5 and single[2]["output"] == "mask"
     for rank in (0, 1):
         assert torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) == single  # exact, every rank
+
+
+# ---- 4. --cache-sam that pays ----
+
+
+def test_sam_cache_stores_the_encoders_dtype_and_is_read_by_the_dataset(micro_root, tmp_path, monkeypatch):
+    """bf16 autocast: the cached F_IS is bf16 (half of float32's bytes); in the second epoch every image
+    comes from the cache, read in the dataset, and no 1024 px (here 32 px) SAM input is built."""
+    built = []
+    real_preprocess = data.preprocess_image
+    monkeypatch.setattr(data, "preprocess_image", lambda *a, **k: built.append(a[3]) or real_preprocess(*a, **k))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(micro_args(micro_root, out, "--no-train-towers", "--stage1-epochs", "0", "--max-steps", "4",
+                          "--dtype", "bfloat16", "--cache-sam", str(cache)))
+    (key,) = os.listdir(cache)
+    files = sorted(os.listdir(cache / key))
+    assert len(files) == 8 and all(f.endswith(".pt") for f in files)
+    assert torch.load(cache / key / files[0], weights_only=True).dtype == torch.bfloat16
+    training_items = built[-10:-2]  # epoch 2: 8 training items, then the final validation of 2 images
+    assert built[-18:-10] == [True] * 8 and training_items == [False] * 8, built
+
+
+def test_sam_cache_key_includes_the_data_root_and_ignores_torn_files(micro_root, tmp_path):
+    model, _ = train.build_model(train.parse_args(micro_args(micro_root, "unused", "--no-train-towers")))
+    assert train.sam_weights_hash(model, None, "a") != train.sam_weights_hash(model, None, "b")
+    tc = train.parse_args(micro_args(micro_root, "unused"))
+    train_set, _ = train.build_data(tc, train.Tokenizer(None), master=True)
+    train_set.sam_cache = str(tmp_path)
+    image_id = train_set.image_ids[0]
+    (tmp_path / f"{image_id}.pt.tmp123").write_bytes(b"torn")  # a crash mid-write
+    assert train_set.cached_sam_embedding(image_id) is None
+    assert train_set[0]["sam_embedding"] is None and train_set[0]["sam_image"] is not None
+
+
+def test_sam_cache_says_its_size_and_stops_when_the_disk_lacks_it(micro_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(OSError, match=r"--cache-sam .*: the cache needs 0\.00 GiB more, the disk has 0\.00 GiB free"):
+        train.main(micro_args(micro_root, tmp_path / "run", "--no-train-towers", "--cache-sam", str(tmp_path / "c")))
+    assert "8 images x 0.0 MiB" in capsys.readouterr().out
