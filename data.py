@@ -626,6 +626,9 @@ class _ImageSet(torch.utils.data.Dataset):
         self.context_length = context_length
         self.with_sam_images = True  # False: items carry no SAM input (training stage 1 does not use it)
         self.sam_cache: Optional[str] = None  # train.py --cache-sam: a cached F_IS replaces the SAM input
+        # train.py: bfloat16 under bf16 autocast, half the bytes to the device and exact, since the first layer
+        # of either tower (a convolution) rounds its float32 input to exactly these values
+        self.image_dtype = torch.float32
         by_image: dict[int, list] = {}
         for r in refs:
             by_image.setdefault(r["image_id"], []).extend((r, s) for s in r["sentences"])
@@ -649,14 +652,19 @@ class _ImageSet(torch.utils.data.Dataset):
         clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size,
                                                         self.with_sam_images and cached is None)
         masks = {a: self.data.mask(a) for a in dict.fromkeys(r["ann_id"] for r, _ in picks)}
-        framed = {a: mask_to_frame(m, valid, self.sam_size) for a, m in masks.items()}
+        # without SAM (training stage 1) the loss needs the masks on CLIP's grid only: frame them at CLIP's size
+        # (a whole number of pixels per grid cell), not at SAM's 1024 px
+        frame = self.sam_size if self.with_sam_images else self.clip_size
+        frame_valid = valid if self.with_sam_images else resize_longest_side_shape(*image.size[::-1], frame)
+        framed = {a: mask_to_frame(m, frame_valid, frame) for a, m in masks.items()}
         refs = [r for r, _ in picks]
         sentences = [s for _, s in picks]
         item = {
-            "clip_image": clip_image, "sam_image": sam_image,
+            "clip_image": clip_image.to(self.image_dtype),
+            "sam_image": None if sam_image is None else sam_image.to(self.image_dtype),
             "tokens": self.tokenizer(sentences, context_length=self.context_length),
             "sentences": sentences,
-            "masks": np.stack([framed[r["ann_id"]] for r in refs]),  # (n, S, S) uint8
+            "masks": np.stack([framed[r["ann_id"]] for r in refs]),  # (n, S, S) uint8; (n, Hc, Hc) without SAM
             "ann_ids": [r["ann_id"] for r in refs], "ref_ids": [r["ref_id"] for r in refs],
             "category_ids": [r["category_id"] for r in refs],
             "image_id": info["id"], "input_size": valid,

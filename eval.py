@@ -268,12 +268,12 @@ def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mas
     sentence (N). Returns the model's outputs as float32: "coarse" (N, Hc/16, Hc/16) and, for
     output="mask", "mask" (N, S, S) and "point" (N,)."""
     use_sam = output == "mask"
-    clip_images = batch["clip_images"].to(device)
-    tokens, image_index = batch["tokens"].to(device), batch["image_index"].to(device)
+    clip_images = batch["clip_images"].to(device, non_blocking=True)  # pinned by the loader on CUDA
+    tokens, image_index = batch["tokens"].to(device, non_blocking=True), batch["image_index"].to(device, non_blocking=True)
     with _autocast(device, amp_dtype):
         _sync(device)
         start = time.perf_counter()
-        sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device)) if use_sam else None
+        sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if use_sam else None
         _sync(device)
         encoded = time.perf_counter()
         out = model(clip_images, tokens, image_index, sam_embeddings=sam_embeddings, use_sam=use_sam,

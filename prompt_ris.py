@@ -454,7 +454,10 @@ class PromptRIS(nn.Module):
         """(N, 3) bool, columns PROMPT_TYPES: which prompts each sentence gives SAM. The enabled subset
         (Table 5); in training each (sentence, prompt type) is dropped with prob. prompt_dropout (§4.2) and
         a sentence that lost all its prompts gets one enabled type back, chosen uniformly."""
-        enabled = torch.tensor([t in prompts for t in PROMPT_TYPES], device=device).expand(n, -1)
+        # built on the device from one scalar: a tensor copied from host memory would wait for the GPU's queue
+        bits = sum(1 << i for i, t in enumerate(PROMPT_TYPES) if t in prompts)
+        column = torch.arange(len(PROMPT_TYPES), device=device)
+        enabled = ((torch.full_like(column, bits) >> column) & 1).bool().expand(n, -1)  # (N, 3)
         rate = self.config.prompt_dropout
         if not (self.training and rate > 0 and len(prompts) > 0):
             return enabled
@@ -586,7 +589,8 @@ def icl_loss(logits: torch.Tensor, target: torch.Tensor, instance_ids: torch.Ten
 
 def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_ids: torch.Tensor,
                image_index: torch.Tensor, config: LossConfig = LossConfig()) -> Dict[str, torch.Tensor]:
-    """Eq. (9) for a PromptRIS output dict and ground-truth masks (N, S, S) in the padded SAM frame.
+    """Eq. (9) for a PromptRIS output dict and ground-truth masks (N, S, S) in the padded SAM frame (stage 1 may
+    give them in the CLIP frame (N, Hc, Hc): only their area averages on the CLIP grid are used).
 
     Returns "clip_seg" (coarse mask vs the masks area-averaged onto the CLIP grid), "icl_clip", and with
     a "mask" output (stage 2) "sam_seg", "icl_sam"; the ICL terms only with config.icl; "loss" is the sum.

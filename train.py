@@ -227,6 +227,7 @@ def main(argv=None) -> dict:
 
     # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
     train_set, val_set = build_data(tc, tokenizer, procs.master)
+    train_set.image_dtype = val_set.image_dtype = amp_dtype or torch.float32  # bf16 pixels: exact, half the bytes
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)

@@ -360,3 +360,27 @@ def test_sam_cache_says_its_size_and_stops_when_the_disk_lacks_it(micro_root, tm
     with pytest.raises(OSError, match=r"--cache-sam .*: the cache needs 0\.00 GiB more, the disk has 0\.00 GiB free"):
         train.main(micro_args(micro_root, tmp_path / "run", "--no-train-towers", "--cache-sam", str(tmp_path / "c")))
     assert "8 images x 0.0 MiB" in capsys.readouterr().out
+
+
+# ---- 3. light transfers ----
+
+
+def test_bf16_images_give_bitwise_the_float32_images_result_under_bf16_autocast():
+    """Under bf16 autocast the loader sends bfloat16 pixels (half of float32's bytes): both towers' first
+    layer is a convolution that autocast feeds bf16 anyway, so nothing changes, to the bit."""
+    model = tiny_model().eval()
+    batch = tiny_batch()
+    with torch.no_grad(), torch.autocast(**BF16):
+        outs = [model(batch["clip_images"].to(dtype), batch["tokens"], batch["image_index"],
+                      sam_images=batch["sam_images"].to(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+    for key in ("coarse", "mask", "point"):
+        assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def test_stage1_masks_are_framed_at_clip_size_and_uint8(micro_root):
+    tc = train.parse_args(micro_args(micro_root, "unused", "--clip-size", "48"))
+    train_set, _ = train.build_data(tc, train.Tokenizer(None), master=True)
+    train_set.with_sam_images = False
+    batch = data.collate([train_set[i] for i in range(2)])
+    assert batch["masks"].shape[1:] == (48, 48) and batch["masks"].dtype == torch.uint8
+    assert batch["sam_images"] is None

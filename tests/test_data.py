@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import synth as synthetic
@@ -413,14 +414,19 @@ def test_clip_and_sam_frames_share_the_letterbox_geometry(synth):
 
 
 def test_items_without_sam_input_keep_everything_else(synth):
-    """Training stage 1 skips SAM's input image; the CLIP input and the ground truth are unchanged."""
+    """Training stage 1 skips SAM's input image and frames the masks at CLIP's size, not SAM's; the CLIP
+    input is unchanged and the masks cover the same share of every CLIP grid cell (the coarse target)."""
     ds = train_set(synth)
     full = data.collate([ds[0], ds[1]])
     ds.with_sam_images = False
     light = data.collate([ds[0], ds[1]])
     assert full["sam_images"] is not None and light["sam_images"] is None
-    for key in ("clip_images", "tokens", "masks", "input_sizes", "instance_ids"):
+    for key in ("clip_images", "tokens", "input_sizes", "instance_ids"):
         assert torch.equal(full[key], light[key]), key
+    assert light["masks"].shape[1:] == (CLIP_SIZE, CLIP_SIZE) and light["masks"].dtype == torch.uint8
+    grid = CLIP_SIZE // 16
+    targets = [F.interpolate(b["masks"][:, None].float(), size=grid, mode="area") for b in (full, light)]
+    assert (targets[0] - targets[1]).abs().max() < 0.1
 
 
 def test_letterbox_pads_bottom_right_with_zero():
