@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import bench
 import data
+import eval as eval_module
 import sam as sam_module
 import synth
 import train
@@ -308,8 +309,10 @@ def validation_metrics(root, procs):
 def _validation_worker(rank, world, port, root, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    scored, update = [], eval_module.RISMetrics.update  # what this rank scores itself
+    eval_module.RISMetrics.update = lambda self, *a, **k: scored.append(1) or update(self, *a, **k)
     metrics = validation_metrics(root, train.Processes(rank, rank, world, torch.device("cpu")))
-    torch.save(metrics, os.path.join(out, f"metrics{rank}.pt"))
+    torch.save({"metrics": metrics, "scored": len(scored)}, os.path.join(out, f"metrics{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -319,8 +322,10 @@ def test_two_process_validation_gives_exactly_the_one_process_metrics(tmp_path):
     mp.spawn(_validation_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
     single = validation_metrics(root, train.Processes(0, 0, 1, torch.device("cpu")))
     assert single[1]["n"] > 5 and single[2]["output"] == "mask"
-    for rank in (0, 1):
-        assert torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) == single  # exact, every rank
+    results = [torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(r["metrics"] == single for r in results)  # exact, on every rank
+    scored = [r["scored"] for r in results]  # each rank scored its own shard only
+    assert min(scored) > 0 and sum(scored) == single[1]["n"] + single[2]["n"]
 
 
 # ---- 4. --cache-sam that pays ----
