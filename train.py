@@ -111,12 +111,13 @@ class TrainConfig:
     # -- running for days --
     seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)")
     device: str = knob("auto", "cpu | cuda | cuda:N | auto")
-    dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)",
+    dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on a GPU that supports it, "
+                      "else float32)",
                       choices=("auto", "bfloat16", "float32"))
     grad_checkpoint: bool = knob(False, "recompute CLIP residual blocks in backward (less memory)")
     compile: bool = knob(False, "torch.compile the model")
-    cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM "
-                                 "only), keyed by image id + SAM weights hash", type=str)
+    cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM only), "
+                                 "keyed by image id + SAM weights, dtype and data root; read by the loader", type=str)
     num_workers: int = knob(0, "DataLoader workers (0: load in the training process)")
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
                         "from a second thread, which only spins and slows down on a busy machine")
