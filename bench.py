@@ -220,7 +220,8 @@ def example_batch(config: PromptRISConfig, device: str, images: int = 1, sentenc
     tokens[:, 0], tokens[:, 10] = 49406, 49407
     return {"clip_images": torch.randn(images, 3, config.clip_image_size, config.clip_image_size, device=device),
             "sam_images": torch.randn(images, 3, config.sam.image_size, config.sam.image_size, device=device),
-            "tokens": cut_tokens(tokens), "image_index": torch.arange(images, device=device).repeat_interleave(sentences),
+            "tokens": cut_tokens(tokens),
+            "image_index": torch.arange(images, device=device).repeat_interleave(sentences),
             "instance_ids": torch.arange(n, device=device) % 2,
             "masks": (torch.rand(n, config.sam.image_size, config.sam.image_size, device=device) > 0.5).float()}
 

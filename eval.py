@@ -269,7 +269,8 @@ def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mas
     output="mask", "mask" (N, S, S) and "point" (N,)."""
     use_sam = output == "mask"
     clip_images = batch["clip_images"].to(device, non_blocking=True)  # pinned by the loader on CUDA
-    tokens, image_index = batch["tokens"].to(device, non_blocking=True), batch["image_index"].to(device, non_blocking=True)
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    image_index = batch["image_index"].to(device, non_blocking=True)
     with _autocast(device, amp_dtype):
         _sync(device)
         start = time.perf_counter()
@@ -427,7 +428,8 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     clip_image, sam_image, valid = preprocess_image(image, config.clip_image_size, config.sam.image_size)
     return {
         "clip_images": clip_image[None], "sam_images": sam_image[None],  # (1, 3, Hc, Hc), (1, 3, S, S)
-        "tokens": cut_tokens(tokenizer(texts, config.clip.context_length)), "image_index": torch.zeros(len(texts), dtype=torch.long),
+        "tokens": cut_tokens(tokenizer(texts, config.clip.context_length)),
+        "image_index": torch.zeros(len(texts), dtype=torch.long),
         "input_sizes": torch.tensor([valid]), "original_sizes": torch.tensor([[image.height, image.width]]),
     }
 
