@@ -12,6 +12,7 @@ a busy machine slows both alike, and each line reports ours / reference. Referen
 directly: the package's __init__ imports torchvision). Run by hand; not part of the test suite.
 """
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -29,7 +30,7 @@ from functools import partial
 import torch
 from safetensors.torch import save_file
 
-from clip_vit import CLIPConfig
+from clip_vit import CLIPConfig, cut_tokens
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import SAM, SAMConfig
@@ -41,8 +42,26 @@ SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    """Wait for the queued work of the GPU that runs the benchmark (cuda:N too), so timings measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def training_precision(device: str):
+    """The precision train.py runs with on this device: TF32 matmuls and bf16 autocast on a GPU that has
+    bf16 (train.setup_processes, train.autocast_dtype), plain float32 on the CPU. The comparisons with the
+    reference implementations stay in float32: the matmul precision is restored on exit."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported()):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def median_times(fns: dict, device: str, warmup: int, repeats: int) -> dict:
@@ -63,7 +82,7 @@ def median_times(fns: dict, device: str, warmup: int, repeats: int) -> dict:
 
 def matmul_gflops(device: str, repeats: int) -> float:
     """Reference throughput: a large float32 square matmul (2 n^3 FLOPs)."""
-    n = 8192 if device == "cuda" else 2048
+    n = 8192 if torch.device(device).type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     seconds = median_times({"mm": lambda: a @ b}, device, warmup=1, repeats=repeats)["mm"]
     return 2 * n ** 3 / seconds / 1e9
@@ -201,7 +220,8 @@ def example_batch(config: PromptRISConfig, device: str, images: int = 1, sentenc
     tokens[:, 0], tokens[:, 10] = 49406, 49407
     return {"clip_images": torch.randn(images, 3, config.clip_image_size, config.clip_image_size, device=device),
             "sam_images": torch.randn(images, 3, config.sam.image_size, config.sam.image_size, device=device),
-            "tokens": tokens, "image_index": torch.arange(images, device=device).repeat_interleave(sentences),
+            "tokens": cut_tokens(tokens),
+            "image_index": torch.arange(images, device=device).repeat_interleave(sentences),
             "instance_ids": torch.arange(n, device=device) % 2,
             "masks": (torch.rand(n, config.sam.image_size, config.sam.image_size, device=device) > 0.5).float()}
 
@@ -211,11 +231,12 @@ def bench_prompt_ris(config: PromptRISConfig, device: str, warmup: int, repeats:
     torch.manual_seed(0)
     model = PromptRIS(config).to(device).eval()
     b = example_batch(config, device)
-    with torch.no_grad():
+    with torch.no_grad(), training_precision(device):
         embedding = model.encode_sam_image(b["sam_images"])
         times = median_times({
             "sam_image_encoder": lambda: model.encode_sam_image(b["sam_images"]),
-            "rest": lambda: model(b["clip_images"], b["tokens"], b["image_index"], sam_embeddings=embedding),
+            "rest": lambda: model(b["clip_images"], b["tokens"], b["image_index"], sam_embeddings=embedding,
+                                  prepared=True),  # as collated: no host sync
         }, device, warmup, repeats)
     return {**times, "forward": times["sam_image_encoder"] + times["rest"], "input": "1 image, 4 sentences"}
 
@@ -230,22 +251,24 @@ def train_step_memory(size: str, device: str) -> dict:
     b = example_batch(config, device)
 
     def step():
-        out = model(b["clip_images"], b["tokens"], b["image_index"], sam_images=b["sam_images"])
-        total_loss(out, b["masks"], b["instance_ids"], b["image_index"])["loss"].backward()
+        with training_precision(device):
+            out = model(b["clip_images"], b["tokens"], b["image_index"], sam_images=b["sam_images"], prepared=True)
+            loss = total_loss(out, b["masks"], b["instance_ids"], b["image_index"])["loss"]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     step()  # the first step also allocates AdamW's state
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+    peak = (torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"peak_mib": peak / 2 ** 20, "peak_mib_above_model": (peak - before) / 2 ** 20, "step_s": seconds,
             "trainable_params": model.count_parameters(), "input": "1 image, 4 sentences"}

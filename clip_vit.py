@@ -129,6 +129,17 @@ class Transformer(nn.Module):
         return x
 
 
+def cut_tokens(tokens: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Token ids (N, L) -> (N, L') cut after the longest sentence's EOT, L' rounded up to a multiple of
+    `multiple` (at most L). Exact: the causal mask keeps every real token blind to later positions.
+
+    Reads the longest length on the host, so call it on the CPU batch (data.collate), not inside a step.
+    Rounding up keeps the number of distinct lengths, and so of torch.compile's graphs, small.
+    """
+    length = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
+    return tokens[:, :min(-(-length // multiple) * multiple, tokens.shape[1])]
+
+
 def text_attention_mask(length: int, n_prefix: int = 0, device=None) -> torch.Tensor:
     """Boolean mask (n_prefix + length, n_prefix + length) for the text tower, True = may attend.
 

@@ -51,7 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import synth
-from clip_vit import CLIP_MEAN, CLIP_STD
+from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
 from load_weights import DownloadError, download_from_mirrors
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 
@@ -673,6 +673,10 @@ class _ImageSet(torch.utils.data.Dataset):
         self.sam_size = sam_size
         self.context_length = context_length
         self.with_sam_images = True  # False: items carry no SAM input (training stage 1 does not use it)
+        self.sam_cache: Optional[str] = None  # train.py --cache-sam: a cached F_IS replaces the SAM input
+        # train.py: bfloat16 under bf16 autocast, half the bytes to the device and exact, since the first layer
+        # of either tower (a convolution) rounds its float32 input to exactly these values
+        self.image_dtype = torch.float32
         by_image: dict[int, list] = {}
         for r in refs:
             by_image.setdefault(r["image_id"], []).extend((r, s) for s in r["sentences"])
@@ -692,24 +696,40 @@ class _ImageSet(torch.utils.data.Dataset):
         if image.size != (info["width"], info["height"]):  # masks would not line up
             raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
                              f"says {info['width']}x{info['height']} (image id {info['id']})")
-        clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size, self.with_sam_images)
+        cached = self.cached_sam_embedding(info["id"])
+        clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size,
+                                                        self.with_sam_images and cached is None)
         masks = {a: self.data.mask(a) for a in dict.fromkeys(r["ann_id"] for r, _ in picks)}
-        framed = {a: mask_to_frame(m, valid, self.sam_size) for a, m in masks.items()}
+        # without SAM (training stage 1) the loss needs the masks on CLIP's grid only: frame them at CLIP's size
+        # (a whole number of pixels per grid cell), not at SAM's 1024 px
+        frame = self.sam_size if self.with_sam_images else self.clip_size
+        frame_valid = valid if self.with_sam_images else resize_longest_side_shape(*image.size[::-1], frame)
+        framed = {a: mask_to_frame(m, frame_valid, frame) for a, m in masks.items()}
         refs = [r for r, _ in picks]
         sentences = [s for _, s in picks]
         item = {
-            "clip_image": clip_image, "sam_image": sam_image,
+            "clip_image": clip_image.to(self.image_dtype),
+            "sam_image": None if sam_image is None else sam_image.to(self.image_dtype),
             "tokens": self.tokenizer(sentences, context_length=self.context_length),
             "sentences": sentences,
-            "masks": np.stack([framed[r["ann_id"]] for r in refs]),  # (n, S, S) uint8
+            "masks": np.stack([framed[r["ann_id"]] for r in refs]),  # (n, S, S) uint8; (n, Hc, Hc) without SAM
             "ann_ids": [r["ann_id"] for r in refs], "ref_ids": [r["ref_id"] for r in refs],
             "category_ids": [r["category_id"] for r in refs],
             "image_id": info["id"], "input_size": valid,
             "original_size": (info["height"], info["width"]),
         }
+        if self.with_sam_images and self.sam_cache:
+            item["sam_embedding"] = cached  # None: not cached yet, the batch carries the SAM input instead
         if with_original:
             item["gt_original"] = [masks[r["ann_id"]] for r in refs]
         return item
+
+    def cached_sam_embedding(self, image_id: int) -> Optional[torch.Tensor]:
+        """F_IS of a frozen SAM from the --cache-sam directory, read here (in a DataLoader worker), or None."""
+        if not (self.with_sam_images and self.sam_cache):
+            return None
+        path = sam_cache_path(self.sam_cache, image_id)
+        return torch.load(path, weights_only=True) if os.path.isfile(path) else None
 
 
 class RefTrainSet(_ImageSet):
@@ -815,22 +835,34 @@ class RefEvalSet(_ImageSet):
         return self._item(index, image, self.pairs[index], with_original=True)
 
 
+def sam_cache_path(folder: str, image_id: int) -> str:
+    """One file per image; written to a temporary name and renamed, so a crash leaves no torn file here."""
+    return os.path.join(folder, f"{int(image_id)}.pt")
+
+
 def collate(items: Sequence[dict]) -> dict:
     """Items of RefTrainSet / RefEvalSet -> the batch dict of CONTRACT.md.
 
     Sentences of all images are flattened in item order; `image_index[n]` says which image
     sentence n belongs to. Besides the contract's keys, `category_ids` (N,) long is included
     (for the seen/unseen report of the open-vocabulary setting).
+
+    Whatever a training step would otherwise read back from the device is settled here, on the CPU:
+    tokens are cut after the longest sentence (to a multiple of 8, clip_vit.cut_tokens) and image_index
+    is valid by construction, so the model runs with `prepared=True`. Masks stay uint8 (a quarter of
+    float32's bytes on the way to the device; the loss converts them there).
+
+    With a SAM embedding cache (items with "sam_embedding"), `sam_embeddings` lists each image's cached F_IS
+    or None, and `sam_images` holds the SAM inputs of the uncached images only, in order (None if all are).
     """
     counts = torch.tensor([len(it["sentences"]) for it in items])
     batch = {
         "clip_images": torch.stack([it["clip_image"] for it in items]),  # (B, 3, Hc, Hc)
-        "sam_images": (torch.stack([it["sam_image"] for it in items])  # (B, 3, S, S)
-                       if all(it["sam_image"] is not None for it in items) else None),
-        "tokens": torch.cat([it["tokens"] for it in items]),  # (N, 77)
+        "sam_images": _stack_present([it["sam_image"] for it in items], "sam_embedding" in items[0]),
+        "tokens": cut_tokens(torch.cat([it["tokens"] for it in items])),  # (N, L <= 77)
         "image_index": torch.repeat_interleave(torch.arange(len(items)), counts),  # (N,)
         "instance_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
-        "masks": torch.from_numpy(np.concatenate([it["masks"] for it in items])).float(),
+        "masks": torch.from_numpy(np.concatenate([it["masks"] for it in items])),  # (N, S, S) uint8
         "image_ids": torch.tensor([it["image_id"] for it in items]),
         "input_sizes": torch.tensor([it["input_size"] for it in items]),  # (B, 2)
         "original_sizes": torch.tensor([it["original_size"] for it in items]),  # (B, 2)
@@ -839,9 +871,19 @@ def collate(items: Sequence[dict]) -> dict:
         "ann_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
         "category_ids": torch.tensor([c for it in items for c in it["category_ids"]]),
     }
+    if "sam_embedding" in items[0]:
+        batch["sam_embeddings"] = [it["sam_embedding"] for it in items]
     if all("gt_original" in it for it in items):
         batch["gt_original"] = [m for it in items for m in it["gt_original"]]
     return batch
+
+
+def _stack_present(images: list, cached: bool) -> Optional[torch.Tensor]:
+    """(B, 3, S, S) when every item has its SAM input; with a cache, those of the uncached images (K, ...)."""
+    present = [x for x in images if x is not None]
+    if not present or (len(present) < len(images) and not cached):
+        return None
+    return torch.stack(present)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
-from clip_vit import Tokenizer
+from clip_vit import Tokenizer, cut_tokens
 from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
@@ -104,13 +105,24 @@ class RISMetrics:
         self.instance_keys.append(own if ann_id is None else int(ann_id))
         return iou
 
+    def merge(self, others: list["RISMetrics"]) -> "RISMetrics":
+        """This and other processes' metrics (each its own shard of images) as one. Pixel counts are integers
+        and compute() sums exactly (math.fsum), so the result equals one process's over all the images."""
+        for other in others:
+            self.intersection += other.intersection
+            self.union += other.union
+            self.ious += other.ious
+            self.image_keys += other.image_keys
+            self.instance_keys += other.instance_keys
+        return self
+
     def compute(self) -> dict:
         """{"oIoU", "mIoU", "P@0.5".."P@0.9", "ImgAcc", "InstAcc": percent, "n": expressions}."""
         if not self.ious:
             raise ValueError("RISMetrics.compute: no expression was added (empty evaluation set?)")
         ious = np.asarray(self.ious)
         result = {"oIoU": 100.0 * (self.intersection / self.union if self.union else 1.0),
-                  "mIoU": 100.0 * float(ious.mean())}
+                  "mIoU": 100.0 * math.fsum(self.ious) / len(self.ious)}  # exact sum: the same in any order
         for x in THRESHOLDS:
             result[f"P@{x}"] = 100.0 * float((ious > x).mean())
         result["ImgAcc"] = 100.0 * _mean_of_group_means(ious, self.image_keys)
@@ -121,9 +133,10 @@ class RISMetrics:
 
 def _mean_of_group_means(values: np.ndarray, keys: list) -> float:
     groups: dict = {}
-    for value, key in zip(values, keys):
+    for value, key in zip(values.tolist(), keys):
         groups.setdefault(key, []).append(value)
-    return float(np.mean([np.mean(g) for g in groups.values()]))
+    means = [math.fsum(g) / len(g) for g in groups.values()]
+    return math.fsum(means) / len(means)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,16 +368,17 @@ def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mas
     sentence (N). Returns the model's outputs as float32: "coarse" (N, Hc/16, Hc/16) and, for
     output="mask", "mask" (N, S, S) and "point" (N,)."""
     use_sam = output == "mask"
-    clip_images = batch["clip_images"].to(device)
-    tokens, image_index = batch["tokens"].to(device), batch["image_index"].to(device)
+    clip_images = batch["clip_images"].to(device, non_blocking=True)  # pinned by the loader on CUDA
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    image_index = batch["image_index"].to(device, non_blocking=True)
     with _autocast(device, amp_dtype):
         _sync(device)
         start = time.perf_counter()
-        sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device)) if use_sam else None
+        sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if use_sam else None
         _sync(device)
         encoded = time.perf_counter()
         out = model(clip_images, tokens, image_index, sam_embeddings=sam_embeddings, use_sam=use_sam,
-                    prompts=prompts)
+                    prompts=prompts, prepared=True)  # cut and checked on the CPU: no host sync
         _sync(device)
     if timing is not None:
         timing.sam_encoder_s += encoded - start
@@ -419,13 +433,16 @@ def _save_panels(model, out, batch, b, rows, preds, ious, output, prompts, vis_d
 
 @torch.no_grad()
 def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", prompts=None,
-             amp_dtype=None, vis_dir=None, max_vis: int = 0) -> dict:
+             amp_dtype=None, vis_dir=None, max_vis: int = 0, gather=None, progress: bool = True) -> dict:
     """Metrics of `model` over a loader of collate()d RefEvalSet batches.
 
     output: "mask" (final SAM mask) or "coarse" (CLIP-only S'_C, Table 3); prompts: subset of
     mask/point/text given to SAM (Table 5), None = the model's config. Each prediction is compared
     at the original resolution. vis_dir / max_vis: save Fig. 4-style panels of the first max_vis
     expressions (with the ground truth outlined). The model's train/eval mode is restored.
+    gather: RISMetrics of this process -> those of all processes (train.validate shards the images over the
+    DDP ranks). progress: a tqdm bar over the batches. Logits are thresholded at the original size on the
+    device; only bool masks reach the host.
 
     Returns RISMetrics.compute() plus timings: "s_per_expression" and, for output="mask",
     "s_per_expression_no_reuse", "reuse_speedup", "sam_encoder_s_per_image".
@@ -441,14 +458,14 @@ def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", pr
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc=f"eval {output}", disable=not progress, leave=False, dynamic_ncols=True):
             out = run_model(model, batch, device=device, output=output, prompts=prompts, amp_dtype=amp_dtype,
                             timing=timing)
-            out = {k: v.cpu() for k, v in out.items()}
             for b in range(batch["clip_images"].shape[0]):
                 rows = (batch["image_index"] == b).nonzero()[:, 0]  # this image's sentences
                 input_size, original_size = batch["input_sizes"][b].tolist(), batch["original_sizes"][b].tolist()
-                preds = (to_original(model, out[output][rows], input_size, original_size) > 0).numpy()
+                logits = to_original(model, out[output][rows.to(out[output].device)], input_size, original_size)
+                preds = (logits > 0).cpu().numpy()  # (n, H, W) bool: resized and thresholded on the device
                 ious = [metrics.update(pred, batch["gt_original"][n], image_id=batch["image_ids"][b],
                                        ann_id=batch["ann_ids"][n]) for pred, n in zip(preds, rows.tolist())]
                 if vis_dir and saved < max_vis:
@@ -458,7 +475,7 @@ def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", pr
                     saved += len(rows[keep])
     finally:
         model.train(was_training)
-    return metrics.compute() | timing.summary()
+    return (gather(metrics) if gather else metrics).compute() | timing.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +560,8 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     clip_image, sam_image, valid = preprocess_image(image, config.clip_image_size, config.sam.image_size)
     return {
         "clip_images": clip_image[None], "sam_images": sam_image[None],  # (1, 3, Hc, Hc), (1, 3, S, S)
-        "tokens": tokenizer(texts, config.clip.context_length), "image_index": torch.zeros(len(texts), dtype=torch.long),
+        "tokens": cut_tokens(tokenizer(texts, config.clip.context_length)),
+        "image_index": torch.zeros(len(texts), dtype=torch.long),
         "input_sizes": torch.tensor([valid]), "original_sizes": torch.tensor([[image.height, image.width]]),
     }
 

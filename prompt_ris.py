@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_vit import CLIP, CLIPConfig, text_attention_mask
+from clip_vit import CLIP, CLIPConfig, cut_tokens, text_attention_mask
 from sam import SAM, SAMConfig, full_precision
 
 CMP_MODES = ("both", "v2l", "l2v", "none")  # Table 4: CMP, V2LP, L2VP, baseline
@@ -362,16 +362,20 @@ def is_frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 
-def prepare_text(tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokens (N, 77) -> tokens (N, L) cut after the longest sentence's EOT, text_valid (N, L) (True up to
-    and including EOT), eot (N,) positions. The cut is exact: the causal mask keeps every real token blind
-    to later positions, and padded positions are masked wherever text tokens serve as keys."""
+def prepare_text(tokens: torch.Tensor, cut: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens (N, L) -> tokens (N, L'), text_valid (N, L') (True up to and including EOT), eot (N,) positions.
+
+    cut=True cuts after the longest sentence's EOT (clip_vit.cut_tokens, which reads that length on the host);
+    data.collate cuts its batches on the CPU already, so a training step passes cut=False and never waits for
+    the device. The cut is exact: the causal mask keeps every real token blind to later positions, and padded
+    positions are masked wherever text tokens serve as keys."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (N, L) token ids, got shape {tuple(tokens.shape)}")
+    if cut:
+        tokens = cut_tokens(tokens)
     eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-    length = int(eot.max()) + 1
-    text_valid = torch.arange(length, device=tokens.device) <= eot[:, None]
-    return tokens[:, :length], text_valid, eot
+    text_valid = torch.arange(tokens.shape[1], device=tokens.device) <= eot[:, None]
+    return tokens, text_valid, eot
 
 
 class PromptRIS(nn.Module):
@@ -441,15 +445,20 @@ class PromptRIS(nn.Module):
         # Eq. (3): M = Gumbel-SoftMax(S_C); e_p = sum_i M_i E_i, E = Fourier table + foreground label embedding.
         # M sums to one, so the label embedding is added once; it stays a live parameter (trainable SAM).
         m = straight_through_gumbel(coarse_up.flatten(1), self.config.gumbel_tau, sample=self.training)  # (N, 16hw)
-        with full_precision(m.device):  # float32: E is SAM's exact encoding, m exactly one-hot
-            e_p = m @ self.point_pe_table + self.sam.prompt_encoder.point_embeddings[1].weight.float()  # (N, C)
-        return e_p[:, None], m.argmax(dim=-1)
+        table, point = self.point_pe_table, m.argmax(dim=-1)  # E (16hw, C) float32, chosen cell (N,)
+        with full_precision(m.device):  # forward: E's row itself (exact also with TF32 matmuls); backward: the
+            straight_through = (m - m.detach()) @ table  # gradient of M E (exactly 0 in the forward)
+            e_p = table[point] + straight_through + self.sam.prompt_encoder.point_embeddings[1].weight.float()
+        return e_p[:, None], point  # (N, 1, C), (N,)
 
     def prompt_keep(self, n: int, prompts: Sequence[str], device) -> torch.Tensor:
         """(N, 3) bool, columns PROMPT_TYPES: which prompts each sentence gives SAM. The enabled subset
         (Table 5); in training each (sentence, prompt type) is dropped with prob. prompt_dropout (§4.2) and
         a sentence that lost all its prompts gets one enabled type back, chosen uniformly."""
-        enabled = torch.tensor([t in prompts for t in PROMPT_TYPES], device=device).expand(n, -1)
+        # built on the device from one scalar: a tensor copied from host memory would wait for the GPU's queue
+        bits = sum(1 << i for i, t in enumerate(PROMPT_TYPES) if t in prompts)
+        column = torch.arange(len(PROMPT_TYPES), device=device)
+        enabled = ((torch.full_like(column, bits) >> column) & 1).bool().expand(n, -1)  # (N, 3)
         rate = self.config.prompt_dropout
         if not (self.training and rate > 0 and len(prompts) > 0):
             return enabled
@@ -483,18 +492,21 @@ class PromptRIS(nn.Module):
 
     def forward(self, clip_images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor,
                 sam_embeddings: Optional[torch.Tensor] = None, sam_images: Optional[torch.Tensor] = None,
-                use_sam: Optional[bool] = None, prompts: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+                use_sam: Optional[bool] = None, prompts: Optional[Sequence[str]] = None,
+                prepared: bool = False) -> Dict[str, torch.Tensor]:
         """clip_images (B, 3, Hc, Hc), tokens (N, 77), image_index (N,) in [0, B); SAM's image features as
         sam_embeddings (B, C, h, w) (e.g. cached) or computed from sam_images (B, 3, S, S).
         use_sam / prompts override config.use_sam / config.prompts (training stage 1; Table 5 at inference).
+        prepared: a data.collate batch, whose tokens are cut and whose image_index is valid by construction;
+        the forward then reads no value back from the device (no host sync, one graph under torch.compile).
 
         Returns "coarse" S'_C (N, Hc/16, Hc/16) logits and, with SAM, "mask" S (N, S, S) logits in the padded
         SAM frame and "point" (N,) the flat index into the 4h x 4w map chosen by Eq. (3).
         """
         use_sam = self.config.use_sam if use_sam is None else use_sam
         prompts = self.config.prompts if prompts is None else tuple(prompts)
-        self._check_inputs(clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts)
-        tokens, text_valid, eot = prepare_text(tokens)
+        self._check_inputs(clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts, prepared)
+        tokens, text_valid, eot = prepare_text(tokens, cut=not prepared)
         x_v, x_t = self.cmp(self.clip, clip_images, image_index, tokens, text_valid)  # §3.2, per sentence
         f_ic = self.clip.visual.ln_post(x_v[:, 1:]) @ self.clip.visual.proj  # F_IC: (N, N_C, D)
         f_t = self.clip.ln_final(x_t) @ self.clip.text_projection  # F_T: (N, L, D)
@@ -510,12 +522,13 @@ class PromptRIS(nn.Module):
         image = sam_embeddings[image_index]  # F_IS per sentence, as P_mask is added to it: (N, C, h, w)
         return {**out, "mask": sam_decode(self.sam, image, sparse, sparse_mask, dense), "point": point}  # S: (N, S, S)
 
-    def _check_inputs(self, clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts):
+    def _check_inputs(self, clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts, prepared):
+        """Shapes always; the values of image_index (a host sync) only when data.collate did not build it."""
         B = clip_images.shape[0]
         if tokens.dim() != 2 or image_index.shape != (tokens.shape[0],):
             raise ValueError(f"tokens must be (N, L) and image_index (N,); got {tuple(tokens.shape)} and "
                              f"{tuple(image_index.shape)}")
-        if len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < B:
+        if not prepared and len(image_index) and not 0 <= int(image_index.min()) <= int(image_index.max()) < B:
             raise ValueError(f"image_index must lie in [0, {B}) (the number of clip_images)")
         if not set(prompts) <= set(PROMPT_TYPES):
             raise ValueError(f"prompts must be a subset of {PROMPT_TYPES}, got {prompts}")
@@ -570,17 +583,20 @@ def icl_loss(logits: torch.Tensor, target: torch.Tensor, instance_ids: torch.Ten
     overlap = overlap.clamp(eps, 1 - eps)
     same_instance = (instance_ids[:, None] == instance_ids[None, :]).to(overlap.dtype)  # Y: (N, N)
     w = mask_iou(logits.detach(), target)  # w_i: (N,), no gradient, so a wrong mask cannot mislead
-    _, group, sentences_per_image = torch.unique(image_index, return_inverse=True, return_counts=True)  # (B,)
+    # Counted on the device (no torch.unique, whose output size the host must read): b of row i's image is
+    # the number of sentences sharing its image, and the images number sum_i 1/b_i
     same_image = image_index[:, None] == image_index[None, :]  # only pairs within one image count: (N, N)
-    pair_weight = same_image / sentences_per_image[group].pow(2)[:, None]  # 1/b^2, b of row i's image: (N, N)
+    b = same_image.sum(1).to(overlap.dtype)  # (N,)
+    pair_weight = same_image / b.pow(2)[:, None]  # 1/b^2: (N, N)
     # Eq. (8): L_icl = 1/b^2 sum_ij -w_i (Y_ij log O_ij + (1 - Y_ij) log(1 - O_ij))
     bce = -(same_instance * overlap.log() + (1 - same_instance) * (1 - overlap).log())  # (N, N)
-    return (w[:, None] * bce * pair_weight).sum() / sentences_per_image.numel()  # mean over the B images
+    return (w[:, None] * bce * pair_weight).sum() / (1 / b).sum().round()  # mean over the B images
 
 
 def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_ids: torch.Tensor,
                image_index: torch.Tensor, config: LossConfig = LossConfig()) -> Dict[str, torch.Tensor]:
-    """Eq. (9) for a PromptRIS output dict and ground-truth masks (N, S, S) in the padded SAM frame.
+    """Eq. (9) for a PromptRIS output dict and ground-truth masks (N, S, S) in the padded SAM frame (stage 1 may
+    give them in the CLIP frame (N, Hc, Hc): only their area averages on the CLIP grid are used).
 
     Returns "clip_seg" (coarse mask vs the masks area-averaged onto the CLIP grid), "icl_clip", and with
     a "mask" output (stage 2) "sam_seg", "icl_sam"; the ICL terms only with config.icl; "loss" is the sum.

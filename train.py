@@ -33,6 +33,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -124,12 +125,13 @@ class TrainConfig:
     seed: int = knob(0, "seed of every random choice (init, sampler, sentences, Gumbel noise, dropout)",
                      min=0, max=2**32 - 1)  # numpy's seed range
     device: str = knob("auto", "cpu | cuda | cuda:N | auto")
-    dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)",
+    dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on a GPU that supports it, "
+                      "else float32)",
                       choices=("auto", "bfloat16", "float32"))
     grad_checkpoint: bool = knob(False, "recompute CLIP residual blocks in backward (less memory)")
     compile: bool = knob(False, "torch.compile the model")
-    cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM "
-                                 "only), keyed by image id + SAM weights hash", type=str)
+    cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM only), "
+                                 "keyed by image id + SAM weights, dtype and data root; read by the loader", type=str)
     num_workers: int = knob(0, "DataLoader workers (0: load in the training process)", min=0)
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
                         "from a second thread, which only spins and slows down on a busy machine", min=0)
@@ -262,6 +264,7 @@ def main(argv=None) -> dict:
     if tc.seen_only:  # Table 2
         log(f"--seen-only: {train_set.dropped_refs} training refs of unseen or other categories dropped, "
             f"{sum(map(len, train_set.pairs))} sentences of {len(train_set)} images kept")
+    train_set.image_dtype = val_set.image_dtype = amp_dtype or torch.float32  # bf16 pixels: exact, half the bytes
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
                                  drop_last=True)  # no padding with repeated images
     schedule = Schedule.of(tc, len(sampler), procs.world)
@@ -271,7 +274,7 @@ def main(argv=None) -> dict:
     params = raw_model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
                                   fused=procs.device.type in ("cpu", "cuda"))       # faster than per tensor
-    sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype)
+    sam_cache = train_set.sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype, len(train_set), log)
 
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
@@ -281,11 +284,12 @@ def main(argv=None) -> dict:
             f"{schedule.steps_per_epoch})")
     else:
         state = TrainState()
-        if procs.master:
-            state.untrained = validate(raw_model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-            log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
-                f"oIoU {state.untrained['oIoU']:.2f}")
+        # every rank scores its shard of --val-images (the whole split is scored at the end)
+        state.untrained = validate(raw_model, periodic_val, schedule.final_stage, tc, procs, amp_dtype)
+        log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
+            f"oIoU {state.untrained['oIoU']:.2f}")
         torch.manual_seed(tc.seed + procs.rank)  # each rank its own Gumbel noise and prompt dropout
+    reset_peak_memory(procs.device)
     model = wrap_model(raw_model, tc, procs)  # compile and DDP; checkpoints keep raw_model
     del ckpt
 
@@ -303,7 +307,7 @@ def main(argv=None) -> dict:
             log.step(pbar, state, values, lr, stage, time.time() - t_step, tc, schedule)
             if state.step % tc.save_every == 0:
                 save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
-            if tc.eval_every and state.step % tc.eval_every == 0 and procs.master:
+            if tc.eval_every and state.step % tc.eval_every == 0:
                 metrics = validate(raw_model, periodic_val, stage, tc, procs, amp_dtype)
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
                     f"oIoU {metrics['oIoU']:.2f}")
@@ -319,8 +323,7 @@ def main(argv=None) -> dict:
 
     # -- final evaluation on the whole validation split, and the files eval.py reads --
     result = {"step": state.step, "untrained": state.untrained, "out": tc.out}
-    if procs.master:
-        result |= final_evaluation(raw_model, val_set, schedule, state, tc, procs, amp_dtype, log, started)
+    result |= final_evaluation(raw_model, val_set, schedule, state, tc, procs, amp_dtype, log, started)
     shutdown(procs)
     return result
 
@@ -472,12 +475,15 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> lis
 
 def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
     """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
-    Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"]."""
-    sam_images = batch["sam_images"].to(device) if use_sam and sam_features is None else None
-    index = batch["image_index"].to(device)
-    out = model(batch["clip_images"].to(device), batch["tokens"].to(device), index, sam_embeddings=sam_features,
-                sam_images=sam_images, use_sam=use_sam)
-    return total_loss(out, batch["masks"].to(device), batch["instance_ids"].to(device), index, LossConfig(icl=icl))
+    Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"].
+    Copies are asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
+    def to(key):
+        return batch[key].to(device, non_blocking=True)
+    sam_images = to("sam_images") if use_sam and sam_features is None else None
+    index = to("image_index")
+    out = model(to("clip_images"), to("tokens"), index, sam_embeddings=sam_features, sam_images=sam_images,
+                use_sam=use_sam, prepared=True)
+    return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,37 +491,51 @@ def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None,
 # ---------------------------------------------------------------------------------------------
 
 
-def sam_weights_hash(model: PromptRIS, amp_dtype) -> str:
-    """Key of the embedding cache: SAM image-encoder weights, input size and autocast dtype."""
-    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}".encode())
+def sam_weights_hash(model: PromptRIS, amp_dtype, data_root: str = "") -> str:
+    """Key of the embedding cache: SAM image-encoder weights, input size, autocast dtype and the data root
+    (image ids of another dataset would name other images)."""
+    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}/{os.path.abspath(data_root)}".encode())
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype) -> str | None:
-    """--cache-sam DIR/<hash of SAM's encoder weights>: only a frozen SAM's embeddings can be cached."""
+def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype, n_images: int,
+                  log) -> str | None:
+    """--cache-sam DIR/<hash of SAM's encoder weights, dtype, data root>: only a frozen SAM's embeddings can be
+    cached. Says how much disk the cache takes, and stops before training when the disk lacks it."""
     if not tc.cache_sam or train_towers:
         return None
-    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype))
+    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype, tc.data_root or ""))
     os.makedirs(folder, exist_ok=True)
+    c, (h, w) = model.config.sam.prompt_dim, model.sam.prompt_encoder.image_embedding_size
+    per_image = c * h * w * (amp_dtype or torch.float32).itemsize  # stored as the encoder gives it
+    cached = sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".pt"))
+    needed, free = max(n_images * per_image - cached, 0), shutil.disk_usage(folder).free
+    log(f"--cache-sam {folder}: {n_images} images x {per_image / 2**20:.1f} MiB = "
+        f"{n_images * per_image / 2**30:.2f} GiB ({cached / 2**30:.2f} GiB cached, {free / 2**30:.1f} GiB free)")
+    if needed > free:
+        raise OSError(f"--cache-sam {tc.cache_sam}: the cache needs {needed / 2**30:.2f} GiB more, the disk has "
+                      f"{free / 2**30:.2f} GiB free; free space, choose another directory or drop --cache-sam")
     return folder
 
 
 def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None) -> torch.Tensor:
     """F_IS (B, C, h, w) for the batch's images. SAM's encoder is frozen, so no graph is kept and an
     image's embedding never changes: computed once per image (not per sentence) and, with a cache
-    directory, read back in later epochs (DataLoader images are not augmented, so this is exact)."""
+    directory, read back in later epochs by the DataLoader workers (batch["sam_embeddings"]; images are not
+    augmented, so this is exact). New embeddings are stored as the encoder gives them (bf16 under autocast)."""
     if cache_dir is None:
-        return model.encode_sam_image(batch["sam_images"].to(device))
-    paths = [os.path.join(cache_dir, f"{int(i)}.pt") for i in batch["image_ids"]]
-    missing = [b for b, p in enumerate(paths) if not os.path.isfile(p)]
-    if missing:
-        fresh = model.encode_sam_image(batch["sam_images"][missing].to(device))
-        for b, embedding in zip(missing, fresh):
-            atomic_write(paths[b], lambda f, e=embedding: torch.save(e.float().cpu().clone(), f))
-    return torch.stack([torch.load(p, map_location=device, weights_only=True) for p in paths])
+        return model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True))
+    embeddings = batch["sam_embeddings"]
+    missing = [b for b, e in enumerate(embeddings) if e is None]
+    fresh = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if missing else []
+    for b, embedding in zip(missing, fresh):
+        path = data.sam_cache_path(cache_dir, batch["image_ids"][b])
+        write_then_rename(path, lambda f, e=embedding: torch.save(e.cpu().clone(), f))
+    fresh = dict(zip(missing, fresh))
+    return torch.stack([fresh[b] if e is None else e.to(device, non_blocking=True) for b, e in enumerate(embeddings)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +545,15 @@ def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+
+
+def write_then_rename(path: str, write) -> None:
+    """write(f) into `path`.tmp<pid>, then os.replace: readers see the whole file or none. No fsync: after a
+    crash a cache file is at worst missing (recomputed), and a leftover .tmp file is never read."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def atomic_write(path: str, write) -> None:
@@ -548,31 +577,33 @@ def atomic_write(path: str, write) -> None:
         os.close(folder)
 
 
-def rng_state() -> dict:
-    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), CUDA."""
+def rng_state(device: torch.device) -> dict:
+    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), and its
+    own GPU's only (a list of one, or empty), so that a run resumes on a machine with fewer GPUs."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and device.type == "cuda":  # checkpoints before this format hold every GPU's state: take ours
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index], device)
 
 
 @contextlib.contextmanager
-def rng_untouched():
+def rng_untouched(device: torch.device):
     """Validation in the middle of training must not shift the training's random streams."""
-    state = rng_state()
+    state = rng_state(device)
     try:
         yield
     finally:
-        set_rng_state(state)
+        set_rng_state(state, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -586,9 +617,9 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
     """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
     states = [None] * procs.world
     if procs.ddp:
-        dist.all_gather_object(states, rng_state())
+        dist.all_gather_object(states, rng_state(procs.device))
     else:
-        states = [rng_state()]
+        states = [rng_state(procs.device)]
     if procs.master:
         atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
@@ -608,7 +639,7 @@ def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str)
         raise CheckpointError(f"{path}: written by {len(ckpt['rng'])} processes, resumed with {procs.world}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"][procs.rank])
+    set_rng_state(ckpt["rng"][procs.rank], procs.device)
     if procs.master:  # log lines after the checkpoint belong to the lost part of the run
         _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
     return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"],
@@ -649,7 +680,8 @@ def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfi
     if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
         return
     best = {"step": state.step, "metric": tc.keep_best, "score": score, "expressions": metrics["n"]}
-    save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
+    if log.master:  # every rank validated (the same gathered metrics); one writes
+        save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
     state.best = best
     log(f"step {state.step}: best val {tc.keep_best} so far ({best['score']:.2f}), saved as {BEST_WEIGHTS}")
 
@@ -693,20 +725,22 @@ class Processes:
 
 
 def setup_processes(tc: TrainConfig) -> Processes:
-    """One process per GPU under torchrun (NCCL; gloo on CPU), else a single process."""
+    """One process per GPU under torchrun (NCCL on cuda:LOCAL_RANK; gloo on CPU), else a single process."""
     under_torchrun = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     if under_torchrun:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
-    if under_torchrun and name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device)
+    if device.type == "cuda":
+        device = cuda_device(device, under_torchrun, local_rank)
+        torch.cuda.set_device(device)  # before NCCL starts, so its communicator lives on this GPU
+        # TF32 tensor cores for float32 matmuls. What must stay exact is not rounded: SAM's positional encodings
+        # are computed where the weights load (CPU) and cached, Eq. (3) reads E's row without a matmul
+        torch.set_float32_matmul_precision("high")
     if under_torchrun:
-        # long timeout: the other ranks wait in a collective while rank 0 runs a full validation pass
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        # long timeout: a rank that finishes its validation shard early waits for the others in a collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device if device.type == "cuda" else None)
     if tc.images_per_batch % world:
         raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
     if tc.threads:
@@ -716,9 +750,35 @@ def setup_processes(tc: TrainConfig) -> Processes:
     return Processes(rank, local_rank, world, device)
 
 
+def cuda_device(asked: torch.device, under_torchrun: bool, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun (an explicit index there is an error), else the GPU asked for."""
+    if under_torchrun and asked.index is not None:
+        raise ValueError(f"--device {asked}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                         "(or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", local_rank if under_torchrun else (asked.index or 0))
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+                         + (f" (LOCAL_RANK={local_rank}: start at most that many processes per node)"
+                            if under_torchrun else ""))
+    return device
+
+
 def autocast_dtype(tc: TrainConfig, device: torch.device):
-    """bfloat16 on CUDA (or when asked), else None = float32 without autocast."""
-    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda") else None
+    """bfloat16 where it runs natively (or when asked), else None = float32 without autocast.
+    auto: bfloat16 on a GPU with bfloat16 support (torch.cuda.is_bf16_supported()), float32 elsewhere."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if tc.dtype == "bfloat16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError(f"--dtype bfloat16: {device} does not support bfloat16; use --dtype float32 (or auto)")
+    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and bf16_gpu) else None
+
+
+def describe_dtype(tc: TrainConfig, device: torch.device, amp_dtype) -> str:
+    """What the run header says about precision, and why when auto fell back to float32 on a GPU."""
+    if amp_dtype is not None:
+        return f"autocast {amp_dtype}"
+    if tc.dtype == "auto" and device.type == "cuda":
+        return "float32: this GPU does not support bfloat16 (torch.cuda.is_bf16_supported() is False)"
+    return "float32"
 
 
 def autocast(device: torch.device, amp_dtype):
@@ -746,11 +806,19 @@ def shutdown(procs: Processes) -> None:
         dist.destroy_process_group()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MiB."""
+def peak_memory_mb(device: torch.device) -> dict:
+    """{"peak_memory_mb": peak GPU memory allocated by tensors, "peak_reserved_mb": held by the caching
+    allocator (what nvidia-smi shows)}, since reset_peak_memory; on CPU the process's peak resident set size."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Training's peak, not the untrained validation's (its batches are whole images' sentences)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,24 +908,18 @@ def epoch_loader(train_set, sampler: DistributedSampler, state: TrainState, sche
 def train_step(model, raw_model: PromptRIS, batch: dict, optimizer, params, stage: int, tc: TrainConfig,
                procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool, state: TrainState) -> dict:
     """Forward, Eq. (9), backward and one AdamW update; returns the loss terms averaged over the ranks.
-    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays)."""
+    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays).
+    Values come back as floats, including "grad_norm" (DDP averaged the gradients: the same on every rank)."""
     with autocast(procs.device, amp_dtype):
         features = None
         if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
             with torch.no_grad():
                 features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
         terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features, icl=tc.icl)
-    values = mean_over_ranks(terms, procs)  # every rank sees the same values, so a NaN stops all at once
-    bad = [k for k, v in values.items() if not math.isfinite(v)]  # "loss" (the sum) comes last
-    kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"
-    if bad:
-        raise FloatingPointError(f"step {state.step + 1}: loss term '{bad[0]}' is {values[bad[0]]}; stopped before "
-                                 f"the update, {kept}")
     terms["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-    if not torch.isfinite(grad_norm):  # DDP averaged the gradients: every rank stops here together
-        raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopped before the "
-                                 f"update, {kept}")
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    values = mean_over_ranks(terms, procs)  # the step's one host sync; every rank sees the same values
+    stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values
@@ -872,20 +934,45 @@ def mean_over_ranks(terms: dict, procs: Processes) -> dict:
     return dict(zip(terms, values.tolist()))
 
 
+def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
+    """A NaN or inf loss term (checked first, "loss" last) or gradient norm stops every rank at once."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
+        raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
+                                 f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} "
+                                 f"(step {state.last_saved})")
+
+
 def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:
-    """Rank 0 evaluates the unwrapped model: the coarse mask in stage 1, SAM's mask in stage 2. The
-    training's random streams are left exactly where they were."""
+    """Every rank evaluates the unwrapped model on its shard of the images (rank, rank + world, ...) and the
+    pixel counts are gathered, so every rank returns the metrics one process gives over all of them: the
+    coarse mask in stage 1, SAM's mask in stage 2. The training's random streams are left where they were."""
     output = "mask" if stage == 2 else "coarse"
-    loader = DataLoader(dataset, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
-                        num_workers=tc.num_workers)
-    with rng_untouched():
-        return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype)
+    shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.ddp else dataset
+    loader = DataLoader(shard, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
+                        num_workers=tc.num_workers, pin_memory=procs.device.type == "cuda")
+    with rng_untouched(procs.device):
+        return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype,
+                                             gather=lambda metrics: gather_metrics(metrics, procs),
+                                             progress=procs.master)
+
+
+def gather_metrics(metrics, procs: Processes):
+    """Every rank's RISMetrics (per-expression integer pixel counts and ids, a few MB) merged on every rank."""
+    if not procs.ddp:
+        return metrics
+    parts = [None] * procs.world
+    dist.all_gather_object(parts, metrics)
+    return parts[0].merge(parts[1:])
 
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
                      procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
-    """model.safetensors, the whole validation split, the best weights (--keep-best), metrics.json (rank 0)."""
-    save_run_model(model, os.path.join(tc.out, "model.safetensors"))
+    """The whole validation split on every rank's shard; model.safetensors, the best weights (--keep-best) and
+    metrics.json from rank 0."""
+    if procs.master:
+        save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
     untrained = state.untrained["mIoU"] if state.untrained else float("nan")
     log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
@@ -897,14 +984,15 @@ def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: Train
         best = state.best
         log(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
             f"expressions): {BEST_WEIGHTS}, eval.py's default (--weights last: model.safetensors)")
-    result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started,
-              "peak_memory_mb": peak_memory_mb(procs.device)}
-    with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-        json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
+    result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started, **peak_memory_mb(procs.device)}
+    if procs.master:
+        with open(os.path.join(tc.out, "metrics.json"), "w") as f:
+            json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
     log.json({"step": state.step, "val": metrics})
     log.curves()
+    reserved = f", {result['peak_reserved_mb']:.0f} MiB reserved" if "peak_reserved_mb" in result else ""
     log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-        f"({'GPU allocated' if procs.device.type == 'cuda' else 'max RSS'})")
+        f"({'GPU allocated' + reserved if procs.device.type == 'cuda' else 'max RSS'})")
     return result
 
 
@@ -949,7 +1037,7 @@ class RunLog:
     def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
         """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""
         self(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {procs.device} x "
-             f"{procs.world} ({'autocast ' + str(amp_dtype) if amp_dtype else 'float32'})")
+             f"{procs.world} ({describe_dtype(tc, procs.device, amp_dtype)})")
         self(f"trainable parameters: {model.count_parameters():,} of {model.count_parameters(False):,}")
         self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
              "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
@@ -982,12 +1070,17 @@ class RunLog:
         if self.master:
             pbar.update(1)
             pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
-                "lr": f"{lr:.2e}", "stage": stage, "img/s": f"{tc.images_per_batch / step_s:.0f}"})
+                "lr": f"{lr:.2e}", "stage": stage, "img/s": significant(tc.images_per_batch / step_s)})
         if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
             now = time.time()
             self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
                        "images_per_s": self.images_since_log / (now - self.t_log), "elapsed_s": now - self.started})
             self.t_log, self.images_since_log = now, 0
+
+
+def significant(x: float, digits: int = 2) -> str:
+    """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
+    return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
 
 
 def _truncate_log(path: str, step: int) -> None:
