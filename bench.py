@@ -289,7 +289,8 @@ def bench_train_step(args) -> dict:
     """Real training steps (train.train_step) on random weights: the preset's model and freezing (paper: CLIP
     and SAM frozen, SAM's embeddings precomputed into a --cache-sam folder as in stage 2; demo: the towers
     train too). The first step is counted with FlopCounterMode (forward, backward, recomputation); the next
-    --steps are timed. Peak memory: the CUDA allocator's peak, or this process's max RSS on CPU."""
+    --steps are timed. Peak memory: the CUDA allocator's, or on CPU the resident set's high-water mark
+    (VmHWM), both reset after the embeddings are precomputed."""
     flags = ["--config", args.config, "--images-per-batch", str(args.images), "--micro-batch", str(args.micro_batch),
              "--dtype", args.dtype, "--grad-checkpoint" if args.grad_checkpoint else "--no-grad-checkpoint"]
     tc = train.parse_args(flags + (["--no-train-towers"] if args.config == "paper" else []))
@@ -309,12 +310,12 @@ def bench_train_step(args) -> dict:
         if sam_cache:  # stage 2 with a frozen SAM: F_IS precomputed, as --cache-sam reads it back
             with torch.no_grad(), train.autocast(device, amp_dtype):
                 for chunk in chunks:
-                    train.sam_embeddings(model, chunk, device, sam_cache)
+                    for i in range(len(chunk["clip_images"])):  # one image at a time: not the step's peak
+                        train.sam_embeddings(model, {k: chunk[k][i:i + 1] for k in ("sam_images", "image_ids")},
+                                             device, sam_cache)
         _sync(args.device)
-        before = (torch.cuda.memory_allocated() if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        before = memory_now(device)  # the built model, its inputs and the cached embeddings
+        reset_peak_memory(device)
 
         def step():
             train.train_step(model, model, chunks, optimizer, params, stage, tc, procs, amp_dtype, sam_cache,
@@ -328,8 +329,7 @@ def bench_train_step(args) -> dict:
                 step()  # the first also allocates AdamW's state
             times.append(time.perf_counter() - start)
             flops = counter.get_total_flops() if n == 0 else flops
-            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            peak = peak_memory(device)
             report_step(n, times[-1], peak, flops, tc.epochs, args)
     step_s = statistics.median(times[1:] or times)  # --steps 0: the counted step's time (counter overhead included)
     epoch_s = step_s * args.train_images / args.images
@@ -342,12 +342,73 @@ def bench_train_step(args) -> dict:
             "trainable_params": model.count_parameters()}
 
 
+def memory_now(device: torch.device) -> int:
+    """Bytes in use: CUDA tensors, or this process's resident set (Linux /proc, else its peak)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: the CUDA allocator's, or the process's resident set (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the high-water mark since reset_peak_memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):  # not Linux: the peak since the process started
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def report_step(n: int, seconds: float, peak: float, flops: int, epochs: int, args) -> None:
     epoch_s = seconds * args.train_images / args.images
     print(f"step {n}{' (FLOPs counted)' if n == 0 else ''}: {seconds:.2f} s, peak {'allocated' if args.device == 'cuda' else 'max RSS'} "
           f"{peak / 2**20:.0f} MiB, {flops / 1e12:.3f} TFLOP -> {flops / seconds / 1e9:.1f} GFLOP/s; "
           f"{args.train_images} images: epoch {epoch_s / 3600:.2f} h, {epochs} epochs {epochs * epoch_s / 86400:.2f} days",
           flush=True)
+
+
+def bench_loading(workers: list[int], batches: int, images: int = 16) -> dict:
+    """Seconds per loaded batch of `images` images (4 sentences each) at paper sizes (CLIP 480, SAM 1024 input,
+    1024 x 1024 masks) from the built-in data through train.py's collate, for each worker count: the mean over
+    `batches` batches with the workers' start-up (the first batch's time, reported apart) included."""
+    import synth
+    from clip_vit import Tokenizer
+    import data
+    result = {}
+    with tempfile.TemporaryDirectory() as root:
+        synth.make_synth(root, seed=0, n_train=images * batches, n_val=1, n_testA=1, n_testB=1)
+        train_set = data.RefTrainSet(data.load_refs(root, "synth", "unc"), Tokenizer(None), clip_size=480,
+                                     sam_size=1024, sentences_per_image=4)
+        for n in workers:
+            order = list(range(len(train_set)))
+            loader = torch.utils.data.DataLoader(
+                train_set, batch_sampler=[order[i:i + images] for i in range(0, len(order), images)], num_workers=n,
+                collate_fn=partial(train.collate_micro_batches, size=0, seed=0, epoch=0),
+                prefetch_factor=4 if n else None)
+            start, cpu = time.perf_counter(), time.process_time()
+            stamps = [time.perf_counter() for _ in loader]
+            result[n] = {"first_batch_s": stamps[0] - start, "batch_s": (stamps[-1] - start) / len(stamps)}
+            if n == 0:  # the CPU time of loading one batch, whatever else the machine runs
+                result[n]["cpu_s_per_batch"] = (time.process_time() - cpu) / len(stamps)
+            print(f"{n} workers: {result[n]['batch_s']:.2f} s per batch of {images} images over {len(stamps)} "
+                  f"batches, start-up included (first batch {result[n]['first_batch_s']:.2f} s)"
+                  + (f"; {result[n]['cpu_s_per_batch']:.2f} CPU s per batch" if n == 0 else ""), flush=True)
+    return result
 
 
 # ---- command line ----
@@ -377,7 +438,14 @@ def main(argv=None) -> int:
     t.add_argument("--train-images", type=int, help="training images of one epoch for the projection (default: "
                    f"paper {PAPER_TRAIN_IMAGES}, an estimate from the split sizes, see bench.py; demo "
                    f"{DEMO_TRAIN_IMAGES}, the built-in data)")
+    p.add_argument("--loading", type=str, metavar="WORKERS", help="time loading paper-size batches of 16 images "
+                   "from the built-in data with these worker counts, e.g. 0,2,4")
     args = p.parse_args(argv)
+    if args.loading:
+        result = bench_loading([int(n) for n in args.loading.split(",")], batches=8)
+        if args.json:
+            print(json.dumps(result))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_step_memory:
