@@ -3,6 +3,8 @@
     python bench.py            # tiny and paper (ViT-B/16 + SAM ViT-B) sizes
     python bench.py --quick    # tiny sizes only
     python bench.py --json     # also one JSON line at the end
+    python bench.py --train-step --config paper --images 2 [--micro-batch 1] [--grad-checkpoint]
+                               # real training steps: time, peak memory, FLOPs, projected epoch and run
 
 Every comparison runs both implementations on the same machine, the same random weights (loaded
 into ours through load_weights.py from a safetensors file written in the reference's naming) and
@@ -29,13 +31,22 @@ from functools import partial
 
 import torch
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
 
 from clip_vit import CLIPConfig, cut_tokens
 from load_weights import load_clip, load_sam
-from prompt_ris import PromptRIS, PromptRISConfig, total_loss
+from prompt_ris import PromptRIS, PromptRISConfig, combine_keys, total_loss
 from sam import SAM, SAMConfig
 
 SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
+# Training images of the paper's run (§4.2: RefCOCO + RefCOCO+ + G-Ref, evaluation images removed), an
+# upper-bound estimate from the published split sizes: 16,994 RefCOCO unc train images (RefCOCO+ unc train
+# uses the same images) + 21,899 G-Ref umd train images; images in both are counted twice. train.py prints
+# the exact number as steps per epoch x 16.
+PAPER_TRAIN_IMAGES = 16994 + 21899
+DEMO_TRAIN_IMAGES = 600  # synth.make_synth's training split
 
 
 # ---- timing ----
@@ -281,6 +292,147 @@ def train_step_memory_in_subprocess(size: str, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def train_step_batches(config: PromptRISConfig, device: str, images: int, sentences: int, micro_batch: int,
+                       seed: int = 0) -> list[dict]:
+    """Random micro-batches of a global step, as train.collate_micro_batches makes them (sample keys included)."""
+    torch.manual_seed(seed)
+    chunks, size = [], micro_batch or images
+    for first in range(0, images, size):
+        b = example_batch(config, device, min(size, images - first), sentences)
+        b["image_ids"] = torch.arange(first, first + len(b["clip_images"]))
+        index = b["image_index"].cpu()
+        sentence = torch.arange(len(index)) - torch.searchsorted(index, index)
+        b["sample_keys"] = combine_keys(seed, 0, b["image_ids"][index], sentence)
+        chunks.append(b)
+    return chunks
+
+
+def bench_train_step(args) -> dict:
+    """Real training steps (train.train_step) on random weights: the preset's model and freezing (paper: CLIP
+    and SAM frozen, SAM's embeddings precomputed into a --cache-sam folder as in stage 2; demo: the towers
+    train too). The first step is counted with FlopCounterMode (forward, backward, recomputation); the next
+    --steps are timed. Peak memory: the CUDA allocator's, or on CPU the resident set's high-water mark
+    (VmHWM), both reset after the embeddings are precomputed."""
+    flags = ["--config", args.config, "--images-per-batch", str(args.images), "--micro-batch", str(args.micro_batch),
+             "--dtype", args.dtype, "--grad-checkpoint" if args.grad_checkpoint else "--no-grad-checkpoint"]
+    tc = train.parse_args(flags + (["--no-train-towers"] if args.config == "paper" else []))
+    device = torch.device(args.device)
+    procs = train.Processes(0, 0, 1, device)
+    amp_dtype = train.autocast_dtype(tc, device)
+    torch.manual_seed(0)
+    model, train_towers = train.build_model(tc)
+    model.to(device).train()
+    model.cmp.grad_checkpoint = tc.grad_checkpoint
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type in ("cpu", "cuda"))
+    chunks = train_step_batches(model.config, args.device, args.images, tc.sentences_per_image, tc.micro_batch)
+    stage = args.stage
+    with tempfile.TemporaryDirectory() as cache:
+        sam_cache = None if train_towers or stage == 1 else cache
+        if sam_cache:  # stage 2 with a frozen SAM: F_IS precomputed, as --cache-sam reads it back
+            with torch.no_grad(), train.autocast(device, amp_dtype):
+                for chunk in chunks:
+                    for i in range(len(chunk["clip_images"])):  # one image at a time: not the step's peak
+                        train.sam_embeddings(model, {k: chunk[k][i:i + 1] for k in ("sam_images", "image_ids")},
+                                             device, sam_cache)
+        _sync(args.device)
+        before = memory_now(device)  # the built model, its inputs and the cached embeddings
+        reset_peak_memory(device)
+
+        def step():
+            train.train_step(model, model, chunks, optimizer, params, stage, tc, procs, amp_dtype, sam_cache,
+                             train_towers, train.TrainState())
+            _sync(args.device)
+
+        times = []
+        for n in range(1 + args.steps):
+            start = time.perf_counter()
+            with FlopCounterMode(display=False) if n == 0 else contextlib.nullcontext() as counter:
+                step()  # the first also allocates AdamW's state
+            times.append(time.perf_counter() - start)
+            flops = counter.get_total_flops() if n == 0 else flops
+            peak = peak_memory(device)
+            report_step(n, times[-1], peak, flops, tc.epochs, args)
+    step_s = statistics.median(times[1:] or times)  # --steps 0: the counted step's time (counter overhead included)
+    epoch_s = step_s * args.train_images / args.images
+    return {"config": args.config, "stage": stage, "images": args.images, "sentences_per_image": tc.sentences_per_image,
+            "micro_batch": tc.micro_batch, "grad_checkpoint": tc.grad_checkpoint,
+            "dtype": str(amp_dtype or torch.float32), "device": args.device, "threads": torch.get_num_threads(),
+            "step_s": step_s, "peak_mib": peak / 2**20, "peak_mib_above_model": (peak - before) / 2**20,
+            "flops_per_step": flops, "flops_per_s": flops / step_s, "train_images": args.train_images,
+            "epoch_s": epoch_s, "run_s": epoch_s * tc.epochs, "epochs": tc.epochs,
+            "trainable_params": model.count_parameters()}
+
+
+def memory_now(device: torch.device) -> int:
+    """Bytes in use: CUDA tensors, or this process's resident set (Linux /proc, else its peak)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: the CUDA allocator's, or the process's resident set (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the high-water mark since reset_peak_memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):  # not Linux: the peak since the process started
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def report_step(n: int, seconds: float, peak: float, flops: int, epochs: int, args) -> None:
+    epoch_s = seconds * args.train_images / args.images
+    print(f"step {n}{' (FLOPs counted)' if n == 0 else ''}: {seconds:.2f} s, peak {'allocated' if args.device == 'cuda' else 'max RSS'} "
+          f"{peak / 2**20:.0f} MiB, {flops / 1e12:.3f} TFLOP -> {flops / seconds / 1e9:.1f} GFLOP/s; "
+          f"{args.train_images} images: epoch {epoch_s / 3600:.2f} h, {epochs} epochs {epochs * epoch_s / 86400:.2f} days",
+          flush=True)
+
+
+def bench_loading(workers: list[int], batches: int, images: int = 16) -> dict:
+    """Seconds per loaded batch of `images` images (4 sentences each) at paper sizes (CLIP 480, SAM 1024 input,
+    1024 x 1024 masks) from the built-in data through train.py's collate, for each worker count: the mean over
+    `batches` batches with the workers' start-up (the first batch's time, reported apart) included."""
+    import synth
+    from clip_vit import Tokenizer
+    import data
+    result = {}
+    with tempfile.TemporaryDirectory() as root:
+        synth.make_synth(root, seed=0, n_train=images * batches, n_val=1, n_testA=1, n_testB=1)
+        train_set = data.RefTrainSet(data.load_refs(root, "synth", "unc"), Tokenizer(None), clip_size=480,
+                                     sam_size=1024, sentences_per_image=4)
+        for n in workers:
+            order = list(range(len(train_set)))
+            loader = torch.utils.data.DataLoader(
+                train_set, batch_sampler=[order[i:i + images] for i in range(0, len(order), images)], num_workers=n,
+                collate_fn=partial(train.collate_micro_batches, size=0, seed=0, epoch=0),
+                prefetch_factor=4 if n else None)
+            start, cpu = time.perf_counter(), time.process_time()
+            stamps = [time.perf_counter() for _ in loader]
+            result[n] = {"first_batch_s": stamps[0] - start, "batch_s": (stamps[-1] - start) / len(stamps)}
+            if n == 0:  # the CPU time of loading one batch, whatever else the machine runs
+                result[n]["cpu_s_per_batch"] = (time.process_time() - cpu) / len(stamps)
+            print(f"{n} workers: {result[n]['batch_s']:.2f} s per batch of {images} images over {len(stamps)} "
+                  f"batches, start-up included (first batch {result[n]['first_batch_s']:.2f} s)"
+                  + (f"; {result[n]['cpu_s_per_batch']:.2f} CPU s per batch" if n == 0 else ""), flush=True)
+    return result
+
+
 # ---- command line ----
 
 
@@ -294,11 +446,45 @@ def main(argv=None) -> int:
                    "other jobs share, 1 avoids threads waiting for a busy core")
     p.add_argument("--json", action="store_true", help="also print all numbers as one JSON line")
     p.add_argument("--train-step-memory", choices=tuple(SIZES), help=argparse.SUPPRESS)  # internal
+    t = p.add_argument_group("--train-step: real training steps, their memory, FLOPs and the projected run")
+    t.add_argument("--train-step", action="store_true", help="run training steps instead of the comparisons")
+    t.add_argument("--config", choices=("paper", "demo"), default="paper", help="train.py preset (default paper)")
+    t.add_argument("--images", type=int, default=16, help="images per step (paper: 16, with 4 sentences each)")
+    t.add_argument("--micro-batch", type=int, default=0, help="train.py --micro-batch (0 = all images at once)")
+    t.add_argument("--grad-checkpoint", action="store_true", help="train.py --grad-checkpoint")
+    t.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="train.py --dtype")
+    t.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: CLIP + CMP + ICL; 2: end to end "
+                   "(default; 30 of the 50 epochs and the costlier)")
+    t.add_argument("--steps", type=int, default=2, help="timed steps after the FLOP-counted first one (0: time "
+                   "that one; peak memory is reached in the first step already)")
+    t.add_argument("--train-images", type=int, help="training images of one epoch for the projection (default: "
+                   f"paper {PAPER_TRAIN_IMAGES}, an estimate from the split sizes, see bench.py; demo "
+                   f"{DEMO_TRAIN_IMAGES}, the built-in data)")
+    p.add_argument("--loading", type=str, metavar="WORKERS", help="time loading paper-size batches of 16 images "
+                   "from the built-in data with these worker counts, e.g. 0,2,4")
     args = p.parse_args(argv)
+    if args.loading:
+        result = bench_loading([int(n) for n in args.loading.split(",")], batches=8)
+        if args.json:
+            print(json.dumps(result))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_step_memory:
         print(json.dumps(train_step_memory(args.train_step_memory, args.device)))
+        return 0
+    if args.train_step:
+        if args.train_images is None:
+            args.train_images = PAPER_TRAIN_IMAGES if args.config == "paper" else DEMO_TRAIN_IMAGES
+        if min(args.images, args.train_images) < 1 or min(args.micro_batch, args.steps) < 0:
+            p.error("--images and --train-images must be >= 1, --micro-batch and --steps >= 0")
+        result = bench_train_step(args)
+        print(f"median step {result['step_s']:.2f} s for {args.images} images; peak {result['peak_mib']:.0f} MiB "
+              f"({result['peak_mib_above_model']:.0f} above the built model); {result['flops_per_step'] / 1e12:.3f} "
+              f"TFLOP per step; epoch of {args.train_images} images {result['epoch_s'] / 3600:.2f} h, "
+              f"{result['epochs']} epochs {result['run_s'] / 86400:.2f} days")
+        if args.json:
+            print(json.dumps(result))
         return 0
 
     report = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),

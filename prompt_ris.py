@@ -199,15 +199,55 @@ class CoarseMaskDecoder(nn.Module):
 # ---- §3.1 CLIP-based prompting: point prompt (Gumbel-softmax) and text prompts ----
 
 
-def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0, sample: bool = True) -> torch.Tensor:
+# Training draws (Gumbel noise, prompt dropout) come from a counter-based hash of a per-sentence key, not from
+# a generator's stream: a sentence gets the same noise whatever batch, micro-batch, process or device it is
+# computed in, and a resumed run replays it from the key alone. splitmix64 in wrapping int64 arithmetic:
+# the same integers on CPU, CUDA and under torch.compile.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's increment and multipliers, as signed int64
+_MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
+GUMBEL_STREAM, DROPOUT_STREAM = 1, 2  # one independent stream per kind of draw
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of int64 that spreads every input bit over the whole word."""
+    x = (x ^ _shift_right(x, 30)) * _MIX[0]
+    x = (x ^ _shift_right(x, 27)) * _MIX[1]
+    return x ^ _shift_right(x, 31)
+
+
+def combine_keys(*parts) -> torch.Tensor:
+    """int64 key of a tuple, e.g. (seed, epoch, image id, sentence): int64 tensors (broadcast) or ints."""
+    key = torch.zeros((), dtype=torch.int64)
+    for part in parts:
+        key = mix64(key + _GOLDEN + part)
+    return key
+
+
+def keyed_uniform(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+    """keys (N,) int64 -> (N, n) float32 uniform in (0, 1): draw j of sentence i is a hash of (key_i, stream, j)."""
+    counter = torch.arange(n, device=keys.device)
+    offset = (stream * _GOLDEN + 2**63) % 2**64 - 2**63  # stream * golden, wrapped to int64 as the tensors wrap
+    bits = mix64(mix64(keys[:, None] + offset) + counter * _GOLDEN)  # (N, n)
+    return (_shift_right(bits, 40).float() + 0.5) * 2.0 ** -24  # top 24 bits: exact in float32, never 0 or 1
+
+
+def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,
+                            keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """M = Gumbel-SoftMax(S_C) of Eq. (3): logits (N, K) -> one-hot (N, K).
 
-    Forward: the exact one-hot of argmax(logits + g), g ~ Gumbel(0, 1) (no noise when sample=False, i.e.
-    inference). Backward: the gradient of softmax((logits + g) / tau) (straight-through estimator).
+    Forward: the exact one-hot of argmax(logits + g), g ~ Gumbel(0, 1) keyed by keys (N,) (training);
+    keys None = no noise (inference). Backward: the gradient of softmax((logits + g) / tau)
+    (straight-through estimator).
     """
     logits = logits.float()  # under bf16 autocast, ties at the maximum would bias the argmax
-    if sample:
-        logits = logits - torch.empty_like(logits).exponential_().log()  # g = -log(Exp(1)) ~ Gumbel(0, 1)
+    if keys is not None:
+        u = keyed_uniform(keys, logits.shape[-1], GUMBEL_STREAM)
+        logits = logits - (-u.log()).log()  # g = -log(-log u) ~ Gumbel(0, 1)
     soft = torch.softmax(logits / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())  # (soft - soft.detach()) is exactly 0: the forward is exactly one-hot
@@ -440,44 +480,52 @@ class PromptRIS(nn.Module):
         pe = self.sam.prompt_encoder
         return pe.pe_layer.cached_table(pe.mask_input_size)
 
-    def point_prompt(self, coarse_up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """S_C (N, 1, 4h, 4w) logits -> P_point = e_p (N, 1, C) and the chosen flat index (N,)."""
+    def point_prompt(self, coarse_up: torch.Tensor, keys: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """S_C (N, 1, 4h, 4w) logits -> P_point = e_p (N, 1, C) and the chosen flat index (N,); keys (N,) key
+        the Gumbel noise (training), None = none."""
         # Eq. (3): M = Gumbel-SoftMax(S_C); e_p = sum_i M_i E_i, E = Fourier table + foreground label embedding.
         # M sums to one, so the label embedding is added once; it stays a live parameter (trainable SAM).
-        m = straight_through_gumbel(coarse_up.flatten(1), self.config.gumbel_tau, sample=self.training)  # (N, 16hw)
+        m = straight_through_gumbel(coarse_up.flatten(1), self.config.gumbel_tau, keys)  # (N, 16hw)
         table, point = self.point_pe_table, m.argmax(dim=-1)  # E (16hw, C) float32, chosen cell (N,)
         with full_precision(m.device):  # forward: E's row itself (exact also with TF32 matmuls); backward: the
             straight_through = (m - m.detach()) @ table  # gradient of M E (exactly 0 in the forward)
             e_p = table[point] + straight_through + self.sam.prompt_encoder.point_embeddings[1].weight.float()
         return e_p[:, None], point  # (N, 1, C), (N,)
 
-    def prompt_keep(self, n: int, prompts: Sequence[str], device) -> torch.Tensor:
+    def prompt_keep(self, n: int, prompts: Sequence[str], device, keys: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
         """(N, 3) bool, columns PROMPT_TYPES: which prompts each sentence gives SAM. The enabled subset
-        (Table 5); in training each (sentence, prompt type) is dropped with prob. prompt_dropout (§4.2) and
-        a sentence that lost all its prompts gets one enabled type back, chosen uniformly."""
+        (Table 5); with keys (N,) (training) each (sentence, prompt type) is dropped with prob. prompt_dropout
+        (§4.2) and a sentence that lost all its prompts gets one enabled type back, chosen uniformly."""
         # built on the device from one scalar: a tensor copied from host memory would wait for the GPU's queue
         bits = sum(1 << i for i, t in enumerate(PROMPT_TYPES) if t in prompts)
         column = torch.arange(len(PROMPT_TYPES), device=device)
         enabled = ((torch.full_like(column, bits) >> column) & 1).bool().expand(n, -1)  # (N, 3)
         rate = self.config.prompt_dropout
-        if not (self.training and rate > 0 and len(prompts) > 0):
+        if keys is None or rate == 0 or len(prompts) == 0:
             return enabled
-        keep = enabled & (torch.rand(n, len(PROMPT_TYPES), device=device) >= rate)
-        revived = F.one_hot(torch.multinomial(enabled.float(), 1)[:, 0], len(PROMPT_TYPES)).bool()
+        u = keyed_uniform(keys, len(PROMPT_TYPES) + 1, DROPOUT_STREAM)  # (N, 3 + 1): one per type, one to revive
+        keep = enabled & (u[:, :-1] >= rate)
+        rank = enabled.cumsum(dim=1) - 1  # k for the k-th enabled type: (N, 3)
+        pick = (u[:, -1:] * len(prompts)).long()  # uniform over the enabled types: (N, 1)
+        revived = enabled & (rank == pick)
         return keep | (revived & ~keep.any(dim=1, keepdim=True))
 
     def sam_prompts(self, coarse: torch.Tensor, f_t: torch.Tensor, text_valid: torch.Tensor,
-                    image: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor):
+                    image: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor,
+                    keys: Optional[torch.Tensor] = None):
         """Mask, point and text prompts (§3.1) -> (sparse (N, 2 + L, C), sparse_mask (N, 2 + L),
         dense (N, C, h, w), point index (N,)). coarse S'_C (N, H_C, W_C), image F_IS (B, C, h, w) one per
-        image, image_index (N,). sparse = [P_point; not-a-point; P_text]."""
+        image, image_index (N,), keys (N,) of the Gumbel noise (None at inference).
+        sparse = [P_point; not-a-point; P_text]."""
         pe = self.sam.prompt_encoder
         keep_mask, keep_point, keep_text = keep.unbind(dim=1)  # (N,) each, in PROMPT_TYPES order
         coarse_up = F.interpolate(coarse.float()[:, None], size=pe.mask_input_size, mode="bilinear",
                                   align_corners=False)  # S_C: (N, 1, 4h, 4w)
         p_mask = pe.mask_downscaling(coarse_up)  # P_mask: (N, C, h, w)
         dense = torch.where(keep_mask[:, None, None, None], p_mask, pe.no_mask_embed.weight.view(1, -1, 1, 1))
-        p_point, point = self.point_prompt(coarse_up)  # P_point: (N, 1, C)
+        p_point, point = self.point_prompt(coarse_up, keys)  # P_point: (N, 1, C)
         p_text = self.text_prompter(f_t, text_valid, image, pe.get_dense_pe(), image_index)  # P_text: (N, L, C)
         # SAM appends a "not a point" token whenever points come without a box, and its decoder was trained
         # so: it follows P_point and is attended exactly when the point is (SAM without points has no
@@ -493,12 +541,15 @@ class PromptRIS(nn.Module):
     def forward(self, clip_images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor,
                 sam_embeddings: Optional[torch.Tensor] = None, sam_images: Optional[torch.Tensor] = None,
                 use_sam: Optional[bool] = None, prompts: Optional[Sequence[str]] = None,
-                prepared: bool = False) -> Dict[str, torch.Tensor]:
+                prepared: bool = False, sample_keys: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """clip_images (B, 3, Hc, Hc), tokens (N, 77), image_index (N,) in [0, B); SAM's image features as
         sam_embeddings (B, C, h, w) (e.g. cached) or computed from sam_images (B, 3, S, S).
         use_sam / prompts override config.use_sam / config.prompts (training stage 1; Table 5 at inference).
         prepared: a data.collate batch, whose tokens are cut and whose image_index is valid by construction;
         the forward then reads no value back from the device (no host sync, one graph under torch.compile).
+        sample_keys (N,) int64 key each sentence's Gumbel noise and prompt dropout in training (train.py
+        derives them from seed, epoch and the sentence's image, so every batch layout draws the same);
+        without them training draws fresh keys from torch's generator. Inference draws nothing.
 
         Returns "coarse" S'_C (N, Hc/16, Hc/16) logits and, with SAM, "mask" S (N, S, S) logits in the padded
         SAM frame and "point" (N,) the flat index into the 4h x 4w map chosen by Eq. (3).
@@ -516,9 +567,13 @@ class PromptRIS(nn.Module):
             return out
         if sam_embeddings is None:
             sam_embeddings = self.encode_sam_image(sam_images)
-        keep = self.prompt_keep(tokens.shape[0], prompts, tokens.device)
+        keys = None
+        if self.training:  # (N,) int64
+            keys = sample_keys if sample_keys is not None else torch.randint(
+                -2**63, 2**63 - 1, tokens.shape[:1], device=tokens.device)
+        keep = self.prompt_keep(tokens.shape[0], prompts, tokens.device, keys)
         sparse, sparse_mask, dense, point = self.sam_prompts(out["coarse"], f_t, text_valid, sam_embeddings,
-                                                             image_index, keep)
+                                                             image_index, keep, keys)
         image = sam_embeddings[image_index]  # F_IS per sentence, as P_mask is added to it: (N, C, h, w)
         return {**out, "mask": sam_decode(self.sam, image, sparse, sparse_mask, dense), "point": point}  # S: (N, S, S)
 

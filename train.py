@@ -18,9 +18,11 @@ on the coarse mask only, the last 30 the whole model end to end. CLIP and SAM st
 The demo has no official weights to start from, and frozen random towers learn nothing, so it
 trains the small CLIP and SAM towers too (it says so in the log).
 
-Data loading uses num_workers=0 by default: on a 2-core CPU a worker competes with the model for the
-same cores. With workers nothing changes in the results: every item's randomness is derived from
-(seed, epoch, index) in data.RefTrainSet, whichever process loads it.
+One randomness for every layout: the global batch of a step is the same images whatever the number of
+processes (epoch_batches), and every random draw of a training sample is keyed, not streamed: sentence
+choice and word masking by (seed, epoch, index) in data.RefTrainSet, Gumbel noise and prompt dropout by
+(seed, epoch, image id, sentence) through PromptRIS's sample_keys. So 1 process, N processes, any
+--micro-batch and any number of loader workers train the same model up to float rounding.
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
@@ -51,7 +54,7 @@ import synth
 from clip_vit import Tokenizer
 from eval import BEST_WEIGHTS, NumberRange, draw_curves, evaluate, read_best
 from load_weights import load_clip, load_sam
-from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
+from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, combine_keys, total_loss
 
 # ---------------------------------------------------------------------------------------------
 # Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
@@ -128,11 +131,15 @@ class TrainConfig:
     dtype: str = knob("auto", "autocast dtype: bfloat16 | float32 | auto (bfloat16 on a GPU that supports it, "
                       "else float32)",
                       choices=("auto", "bfloat16", "float32"))
+    micro_batch: int = knob(0, "images per forward/backward; the step's gradient is accumulated over its "
+                            "micro-batches, then one update (0 = the whole per-process batch at once). The "
+                            "same training up to float rounding, in less memory", min=0)
     grad_checkpoint: bool = knob(False, "recompute CLIP residual blocks in backward (less memory)")
     compile: bool = knob(False, "torch.compile the model")
     cache_sam: str | None = knob(None, "directory caching SAM image embeddings across epochs (frozen SAM only), "
                                  "keyed by image id + SAM weights, dtype and data root; read by the loader", type=str)
-    num_workers: int = knob(0, "DataLoader workers (0: load in the training process)", min=0)
+    num_workers: int = knob(-1, "DataLoader workers; -1 = auto: 0 on CPU (a worker competes with the model "
+                            "for the cores), min(8, CPUs per GPU) with pinned memory on CUDA", min=-1)
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
                         "from a second thread, which only spins and slows down on a busy machine", min=0)
     resume: bool = knob(False, "continue the run in --out from ckpt.pt (weights, optimizer, step, sampler "
@@ -265,9 +272,7 @@ def main(argv=None) -> dict:
         log(f"--seen-only: {train_set.dropped_refs} training refs of unseen or other categories dropped, "
             f"{sum(map(len, train_set.pairs))} sentences of {len(train_set)} images kept")
     train_set.image_dtype = val_set.image_dtype = amp_dtype or torch.float32  # bf16 pixels: exact, half the bytes
-    sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=tc.seed,
-                                 drop_last=True)  # no padding with repeated images
-    schedule = Schedule.of(tc, len(sampler), procs.world)
+    schedule = Schedule.of(tc, len(train_set), procs.world)
     periodic_val = periodic_val_set(val_set, tc)
 
     # -- optimizer (§4.2): AdamW over what trains; the LR is a function of the step (nothing to save) --
@@ -288,7 +293,6 @@ def main(argv=None) -> dict:
         state.untrained = validate(raw_model, periodic_val, schedule.final_stage, tc, procs, amp_dtype)
         log(f"untrained model: val {state.untrained['output']} mIoU {state.untrained['mIoU']:.2f} "
             f"oIoU {state.untrained['oIoU']:.2f}")
-        torch.manual_seed(tc.seed + procs.rank)  # each rank its own Gumbel noise and prompt dropout
     reset_peak_memory(procs.device)
     model = wrap_model(raw_model, tc, procs)  # compile and DDP; checkpoints keep raw_model
     del ckpt
@@ -298,13 +302,14 @@ def main(argv=None) -> dict:
     pbar = tqdm(total=schedule.max_steps, initial=state.step, disable=not procs.master, dynamic_ncols=True,
                 desc="train")
     while state.step < schedule.max_steps:
-        for batch in epoch_loader(train_set, sampler, state, schedule, tc, procs):
+        t_ready = time.time()
+        for micro_batches in epoch_loader(train_set, state, schedule, tc, procs):
             t_step, stage = time.time(), schedule.stage(state.epoch)
             lr = set_lr(optimizer, schedule.lr(state.step))
-            values = train_step(model, raw_model, batch, optimizer, params, stage, tc, procs, amp_dtype,
+            values = train_step(model, raw_model, micro_batches, optimizer, params, stage, tc, procs, amp_dtype,
                                 sam_cache, train_towers, state)
             state.advance(schedule.steps_per_epoch)
-            log.step(pbar, state, values, lr, stage, time.time() - t_step, tc, schedule)
+            log.step(pbar, state, values, lr, stage, time.time() - t_step, t_step - t_ready, tc, schedule)
             if state.step % tc.save_every == 0:
                 save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
             if tc.eval_every and state.step % tc.eval_every == 0:
@@ -317,6 +322,7 @@ def main(argv=None) -> dict:
                     keep_best(raw_model, metrics, state, tc, log)
             if state.step >= schedule.max_steps:
                 break
+            t_ready = time.time()  # from here until the next batch arrives the step waits for data
     pbar.close()
     if state.last_saved != state.step:
         save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
@@ -464,25 +470,45 @@ def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_pa
     return report
 
 
-def epoch_batches(sampler: DistributedSampler, epoch: int, per_rank: int) -> list[list[int]]:
-    """This rank's image indices for every step of `epoch`: the sampler's shuffle (seed + epoch) cut
-    into batches, the incomplete last one dropped. Step t of rank r holds global positions
-    t*B + r, t*B + r + world, ...: the ranks together see exactly the global batch of one process."""
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    return [indices[i:i + per_rank] for i in range(0, len(indices) - per_rank + 1, per_rank)]
+def epoch_batches(n_images: int, epoch: int, seed: int, images_per_batch: int, rank: int, world: int
+                  ) -> list[list[int]]:
+    """This rank's image indices for every step of `epoch`. One shuffle of all images (seed + epoch), cut
+    into global batches of images_per_batch (the incomplete last one dropped); rank r takes the r-th
+    contiguous share of each. The global batch of a step is the same images, in the same order, for any
+    number of processes: the ranks' shares laid end to end are the one-process batch."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = images_per_batch // world
+    return [order[start + rank * per_rank:start + (rank + 1) * per_rank]
+            for start in range(0, n_images - images_per_batch + 1, images_per_batch)]
+
+
+def collate_micro_batches(items: list[dict], size: int, seed: int, epoch: int) -> list[dict]:
+    """One step's items -> its micro-batches of `size` images (0 = all), each a data.collate batch with
+    "sample_keys" (N,) int64: the key of each sentence's Gumbel noise and prompt dropout, a function of
+    (seed, epoch, image id, sentence within the image) only, so every layout draws the same."""
+    size = size or len(items)
+    chunks = [data.collate(items[i:i + size]) for i in range(0, len(items), size)]
+    length = max(chunk["tokens"].shape[1] for chunk in chunks)  # one text length per step, whatever the chunks
+    for chunk in chunks:
+        chunk["tokens"] = torch.nn.functional.pad(chunk["tokens"], (0, length - chunk["tokens"].shape[1]))
+        index = chunk["image_index"]  # (N,), sorted: an image's sentences are contiguous
+        sentence = torch.arange(len(index)) - torch.searchsorted(index, index)  # j-th sentence of its image
+        chunk["sample_keys"] = combine_keys(seed, epoch, chunk["image_ids"][index], sentence)
+    return chunks
 
 
 def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
     """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
     Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"].
-    Copies are asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
+    The batch's "sample_keys" (training batches) key its Gumbel noise and prompt dropout. Copies are
+    asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
     def to(key):
         return batch[key].to(device, non_blocking=True)
     sam_images = to("sam_images") if use_sam and sam_features is None else None
     index = to("image_index")
+    keys = to("sample_keys") if "sample_keys" in batch else None
     out = model(to("clip_images"), to("tokens"), index, sam_embeddings=sam_features, sam_images=sam_images,
-                use_sam=use_sam, prepared=True)
+                use_sam=use_sam, prepared=True, sample_keys=keys)
     return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
 
 
@@ -838,11 +864,11 @@ class Schedule:
     tc: TrainConfig
 
     @classmethod
-    def of(cls, tc: TrainConfig, sampler_len: int, world: int) -> "Schedule":
+    def of(cls, tc: TrainConfig, n_images: int, world: int) -> "Schedule":
         per_rank = tc.images_per_batch // world
-        steps_per_epoch = sampler_len // per_rank
+        steps_per_epoch = n_images // tc.images_per_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"{sampler_len * world} training images give no full batch of {tc.images_per_batch}")
+            raise ValueError(f"{n_images} training images give no full batch of {tc.images_per_batch}")
         total = tc.epochs * steps_per_epoch
         return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam,
                    per_rank, tc)
@@ -894,35 +920,107 @@ class TrainState:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
-def epoch_loader(train_set, sampler: DistributedSampler, state: TrainState, schedule: Schedule, tc: TrainConfig,
+def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConfig,
                  procs: Processes) -> DataLoader:
-    """The rest of the current epoch's batches for this rank (a resumed run skips what was consumed)."""
-    batches = epoch_batches(sampler, state.epoch, schedule.per_rank)[state.batch_in_epoch:]
+    """The rest of the current epoch's steps for this rank, each a list of micro-batches (a resumed run
+    skips what was consumed)."""
+    batches = epoch_batches(len(train_set), state.epoch, tc.seed, tc.images_per_batch, procs.rank,
+                            procs.world)[state.batch_in_epoch:]
     train_set.set_epoch(state.epoch)
     train_set.with_sam_images = schedule.stage(state.epoch) == 2  # stage 1 never looks at SAM's 1024 px input
-    return DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=tc.num_workers,
-                      pin_memory=procs.device.type == "cuda",
+    workers = loader_workers(tc, procs.device)
+    return DataLoader(train_set, batch_sampler=batches, num_workers=workers, pin_memory=procs.device.type == "cuda",
+                      collate_fn=partial(collate_micro_batches, size=tc.micro_batch, seed=tc.seed, epoch=state.epoch),
+                      prefetch_factor=4 if workers else None,  # keep the next steps' images ready
                       generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
 
 
-def train_step(model, raw_model: PromptRIS, batch: dict, optimizer, params, stage: int, tc: TrainConfig,
-               procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool, state: TrainState) -> dict:
-    """Forward, Eq. (9), backward and one AdamW update; returns the loss terms averaged over the ranks.
-    A non-finite loss or gradient norm stops the run before the update (the last checkpoint stays).
-    Values come back as floats, including "grad_norm" (DDP averaged the gradients: the same on every rank)."""
-    with autocast(procs.device, amp_dtype):
-        features = None
-        if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
-            with torch.no_grad():
-                features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
-        terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features, icl=tc.icl)
-    terms["loss"].backward()
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-    values = mean_over_ranks(terms, procs)  # the step's one host sync; every rank sees the same values
-    stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
-    optimizer.step()
+def loader_workers(tc: TrainConfig, device: torch.device) -> int:
+    """--num-workers, auto (-1): 0 on CPU, where a worker takes cores from the model; on CUDA, enough
+    processes to decode and resize a paper batch faster than a step (README, "Memory and time")."""
+    if tc.num_workers >= 0:
+        return tc.num_workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+PER_IMAGE_TERMS = ("icl_clip", "icl_sam")  # Eq. (8) averages over images; the seg losses over sentences
+
+
+def train_step(model, raw_model: PromptRIS, micro_batches: list[dict], optimizer, params, stage: int,
+               tc: TrainConfig, procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool,
+               state: TrainState) -> dict:
+    """Forward, Eq. (9) and backward of every micro-batch, then one AdamW update; returns the loss terms of
+    the whole global batch and "grad_norm", averaged over the ranks. A non-finite loss or gradient norm stops
+    the run before the update, an out-of-memory error with what lowers memory (the last checkpoint stays)."""
+    try:
+        terms = accumulate_gradients(model, raw_model, micro_batches, stage, tc, procs, amp_dtype, sam_cache,
+                                     train_towers)
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        values = mean_over_ranks(terms, procs)  # the step's one host sync; every rank sees the same values
+        stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
+        optimizer.step()
+    except torch.cuda.OutOfMemoryError:
+        kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"
+        raise OutOfMemory(out_of_memory_message(state, micro_batches, tc, procs, amp_dtype, kept)) from None
     optimizer.zero_grad(set_to_none=True)
     return values
+
+
+def accumulate_gradients(model, raw_model: PromptRIS, micro_batches: list[dict], stage: int, tc: TrainConfig,
+                         procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool) -> dict:
+    """Backward of each micro-batch's share of the batch loss: the summed gradient is the whole batch's.
+    Returns this rank's loss terms of its share of the global batch (tensors, not yet averaged)."""
+    images = sum(len(b["clip_images"]) for b in micro_batches)
+    sentences = sum(len(b["tokens"]) for b in micro_batches)
+    summed = {}
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1  # DDP averages the gradients over the ranks once, after the last
+        with contextlib.nullcontext() if last or not procs.ddp else model.no_sync():
+            with autocast(procs.device, amp_dtype):
+                features = None
+                if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
+                    with torch.no_grad():
+                        features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
+                terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features,
+                                       icl=tc.icl)
+            share = {"images": len(batch["clip_images"]) / images, "sentences": len(batch["tokens"]) / sentences}
+            terms = {k: v * share["images" if k in PER_IMAGE_TERMS else "sentences"]  # each term is a mean
+                     for k, v in terms.items() if k != "loss"}                          # over this micro-batch only
+            terms["loss"] = sum(terms.values())
+            terms["loss"].backward()
+        summed = {k: summed.get(k, 0) + v.detach() for k, v in terms.items()}
+    return summed
+
+
+class OutOfMemory(MemoryError):
+    """The device ran out of memory in a training step; the message says what lowers memory."""
+
+
+def out_of_memory_message(state: TrainState, micro_batches: list[dict], tc: TrainConfig, procs: Processes,
+                          amp_dtype, kept: str) -> str:
+    """One paragraph: where it happened, the memory in use, and the flags that lower it."""
+    if procs.device.type == "cuda":
+        gib = [torch.cuda.memory_allocated(procs.device) / 2**30, torch.cuda.memory_reserved(procs.device) / 2**30,
+               torch.cuda.get_device_properties(procs.device).total_memory / 2**30]
+        in_use = f"{gib[0]:.1f} GiB allocated by tensors, {gib[1]:.1f} GiB reserved by PyTorch, of {gib[2]:.1f} GiB"
+    else:
+        in_use = f"peak resident memory {peak_memory_mb(procs.device)['peak_memory_mb'] / 1024:.1f} GiB"
+    chunk = max(len(b["clip_images"]) for b in micro_batches)
+    lower = []
+    if chunk > 1:
+        lower.append(f"--micro-batch {chunk // 2} (the same gradient from smaller forward passes)")
+    if not tc.grad_checkpoint:
+        lower.append("--grad-checkpoint (CLIP's activations recomputed in backward)")
+    if amp_dtype != torch.bfloat16:
+        lower.append("--dtype bfloat16 (half the activation memory)")
+    if not tc.cache_sam:
+        lower.append("--cache-sam DIR (a frozen SAM's image embeddings read from disk)")
+    return (f"step {state.step + 1}: out of memory on {procs.device} ({in_use}) running {chunk} images x "
+            f"{tc.sentences_per_image} sentences per forward pass. Lower the memory with "
+            f"{', '.join(lower) or 'fewer --images-per-batch'}; see the README, 'Memory and time on one GPU'. "
+            f"Stopped before the update, {kept}.")
 
 
 def mean_over_ranks(terms: dict, procs: Processes) -> dict:
@@ -951,7 +1049,7 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
     output = "mask" if stage == 2 else "coarse"
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.ddp else dataset
     loader = DataLoader(shard, batch_size=tc.images_per_batch // procs.world, collate_fn=data.collate,
-                        num_workers=tc.num_workers, pin_memory=procs.device.type == "cuda")
+                        num_workers=loader_workers(tc, procs.device), pin_memory=procs.device.type == "cuda")
     with rng_untouched(procs.device):
         return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype,
                                              gather=lambda metrics: gather_metrics(metrics, procs),
@@ -1011,7 +1109,7 @@ class RunLog:
         self.out, self.master = out, master
         self.started = self.t_log = time.time()
         self.run_config: dict = {}  # config.json
-        self.images_since_log = 0
+        self.images_since_log, self.wait_since_log = 0, 0.0
         os.makedirs(out, exist_ok=True)
         if master and fresh:  # a fresh run in an old directory starts fresh logs
             for name in ("train.log", "log.jsonl", "metrics.json", "curves.png", BEST_WEIGHTS):
@@ -1063,10 +1161,12 @@ class RunLog:
         self.run_config["held_out"] = report
         self.write_config()
 
-    def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, tc: TrainConfig,
-             schedule: Schedule) -> None:
-        """The progress bar every step, a log.jsonl record every --log-every steps."""
+    def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, wait_s: float,
+             tc: TrainConfig, schedule: Schedule) -> None:
+        """The progress bar every step, a log.jsonl record every --log-every steps ("data_wait": the fraction
+        of the time since the last record spent waiting for the loader)."""
         self.images_since_log += tc.images_per_batch
+        self.wait_since_log += wait_s
         if self.master:
             pbar.update(1)
             pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
@@ -1074,8 +1174,9 @@ class RunLog:
         if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
             now = time.time()
             self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
-                       "images_per_s": self.images_since_log / (now - self.t_log), "elapsed_s": now - self.started})
-            self.t_log, self.images_since_log = now, 0
+                       "images_per_s": self.images_since_log / (now - self.t_log),
+                       "data_wait": self.wait_since_log / (now - self.t_log), "elapsed_s": now - self.started})
+            self.t_log, self.images_since_log, self.wait_since_log = now, 0, 0.0
 
 
 def significant(x: float, digits: int = 2) -> str:
@@ -1095,5 +1196,5 @@ def _truncate_log(path: str, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError) as e:  # bad inputs: the message names the file
+    except (OSError, ValueError, OutOfMemory) as e:  # bad inputs name the file; out of memory names the flags
         sys.exit(f"train.py: error: {e}")

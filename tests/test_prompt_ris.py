@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import prompt_ris
 from torch.autograd import gradcheck
 
 from clip_vit import CLIPConfig
@@ -197,17 +198,45 @@ def test_prompt_generator_ignores_masked_keys():
 def test_gumbel_forward_is_exact_one_hot():
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
-    m = straight_through_gumbel(logits, tau=0.7, sample=True)
+    m = straight_through_gumbel(logits, tau=0.7, keys=torch.arange(6))
     assert torch.equal(m, F.one_hot(m.argmax(1), 50).float())
-    m = straight_through_gumbel(logits, sample=False)  # inference: argmax, no noise
+    m = straight_through_gumbel(logits)  # inference: argmax, no noise
     assert torch.equal(m, F.one_hot(logits.argmax(1), 50).float())
+
+
+def test_keyed_gumbel_noise_depends_on_the_key_only():
+    """A sentence's noise is a function of its key: the same in any batch, at any position."""
+    torch.manual_seed(0)
+    logits = torch.zeros(3, 1000)  # flat logits: the choice is the noise's argmax
+    keys = torch.tensor([7, 8, 9])
+    chosen = straight_through_gumbel(logits, keys=keys).argmax(1)
+    alone = straight_through_gumbel(logits[:1], keys=keys[2:]).argmax(1)
+    assert alone.item() == chosen[2].item() and len(set(chosen.tolist())) == 3
+
+
+def test_keyed_uniform_is_uniform_and_keyed():
+    u = prompt_ris.keyed_uniform(torch.arange(200), 500, stream=1)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    pairs = prompt_ris.keyed_uniform(torch.arange(20000), 2, stream=1)  # neighbouring draws and keys independent
+    assert abs(torch.corrcoef(pairs.T)[0, 1]) < 0.03
+    assert abs(torch.corrcoef(torch.stack([pairs[:-1, 0], pairs[1:, 0]]))[0, 1]) < 0.03
+    assert torch.equal(prompt_ris.keyed_uniform(torch.arange(3, 5), 500, stream=1), u[3:5])
+    assert not torch.equal(prompt_ris.keyed_uniform(torch.arange(200), 500, stream=2), u)
+
+
+def test_gumbel_choice_frequencies_follow_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, -1)
+    chosen = straight_through_gumbel(logits, keys=torch.arange(20000)).argmax(1)
+    torch.testing.assert_close(torch.bincount(chosen, minlength=3) / 20000., torch.softmax(logits[0], 0),
+                               atol=0.015, rtol=0)
 
 
 def test_gumbel_backward_is_softmax_jacobian():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     v, tau = torch.randn(3, 7, dtype=torch.float64), 0.5
-    (straight_through_gumbel(logits, tau, sample=False) * v).sum().backward()
+    (straight_through_gumbel(logits, tau) * v).sum().backward()
     p = torch.softmax(logits.detach() / tau, dim=1)
     jacobian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / tau  # d softmax(x / tau) / dx
     torch.testing.assert_close(logits.grad, (jacobian.transpose(1, 2) @ v[:, :, None])[:, :, 0])
@@ -312,14 +341,33 @@ def test_prompt_subsets_change_the_final_mask():
 
 def test_prompt_dropout_keeps_at_least_one_enabled_prompt():
     model = tiny_model(prompt_dropout=0.5).train()
-    torch.manual_seed(0)
-    keep = model.prompt_keep(4000, PROMPT_TYPES, "cpu")
+    keys = torch.arange(4000)
+    keep = model.prompt_keep(4000, PROMPT_TYPES, "cpu", keys)
     assert keep.any(1).all()
     # each prompt survives with prob 1 - p, and a row that lost all three (prob p^3) gets one back
     assert abs(keep.float().mean() - (0.5 + 0.5 ** 3 / 3)) < 0.02
-    keep = model.prompt_keep(4000, ("mask", "text"), "cpu")
+    revived = keep[keep.sum(1) == 1].float().mean(0)  # rows with one prompt left: each type equally often
+    assert (abs(revived - 1 / 3) < 0.05).all(), revived
+    keep = model.prompt_keep(4000, ("mask", "text"), "cpu", keys)
     assert keep.any(1).all() and not keep[:, 1].any()
-    assert model.eval().prompt_keep(5, PROMPT_TYPES, "cpu").all()  # no dropout at inference
+    assert model.prompt_keep(5, PROMPT_TYPES, "cpu").all()  # no keys (inference): no dropout
+
+
+def test_training_draws_noise_and_dropout_and_inference_none(monkeypatch):
+    """Training draws per-sentence keys (given or fresh) for Gumbel noise and dropout; eval draws nothing."""
+    model, batch = tiny_model(prompt_dropout=0.5), tiny_batch()
+    seen = []
+    real_keep = model.prompt_keep
+    monkeypatch.setattr(model, "prompt_keep", lambda *a: seen.append(a[3]) or real_keep(*a))
+    with torch.no_grad():
+        model.eval()(**model_inputs(batch))
+        given = torch.arange(len(batch["tokens"])) * 3
+        a = model.train()(**model_inputs(batch), sample_keys=given)
+        b = model(**model_inputs(batch), sample_keys=given)
+        torch.manual_seed(0)
+        model(**model_inputs(batch))
+    assert seen[0] is None and seen[1] is given and seen[3] is not None and seen[3].shape == given.shape
+    torch.testing.assert_close(a["mask"], b["mask"])  # the same keys: the same draws
 
 
 def test_masked_sparse_tokens_equal_removed_tokens():

@@ -113,6 +113,90 @@ def test_curves_png_is_drawn_at_every_validation_and_at_the_end(micro_root, tmp_
     assert 600 <= width <= 1600 and 200 <= height <= 1000  # loss, clip_seg, icl_clip, sam_seg, icl_sam + 2 val
 
 
+# ---- one randomness for every layout ----
+
+
+# 2 steps of stage 1, then one end to end, where Gumbel noise and prompt dropout are drawn. Later steps are
+# not compared: with near-uniform random masks, O of Eq. (7) is within 1e-4 of 1 and log(1 - O) turns the
+# rounding of the summation order into 1e-3 of L_icl, which AdamW's first, sign-like updates amplify
+LAYOUT_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def whole_batch_log(micro_root, tmp_path_factory):
+    """log.jsonl of one process running each global batch at once: the reference of the layout tests."""
+    out = tmp_path_factory.mktemp("whole_batch")
+    train.main(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS)))
+    return read_log(out)
+
+
+def assert_same_losses(got, expected):
+    """Loss terms of the same steps: 1e-4 relative at step 1 (the same weights, only summation order
+    differs), 1e-3 after (the updates' rounding differences grow). ICL's w_i (Eq. 8) is the IoU of the mask
+    thresholded at 0: once the weights differ in their last bits a logit of the random model can round across
+    0, and at this run's 32 x 32 masks one pixel moves w_i by ~1/200, so the ICL terms get 1e-2 after step 1."""
+    got, expected = ([r for r in log if "loss" in r] for log in (got, expected))
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, LAYOUT_STEPS + 1))
+    terms = [k for k in expected[-1] if k.startswith(("clip_seg", "icl", "sam_seg", "loss"))]
+    assert "sam_seg" in terms and "icl_sam" in terms
+    for a, b in zip(got, expected):
+        for k in (k for k in terms if k in b):
+            rel = 1e-4 if a["step"] == 1 else 1e-2 if k.startswith("icl") else 1e-3
+            assert a[k] == pytest.approx(b[k], rel=rel), (a["step"], k)
+
+
+def test_micro_batches_train_the_same_model(micro_root, tmp_path, whole_batch_log):
+    out = tmp_path / "micro"
+    train.main(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "2"))
+    assert_same_losses(read_log(out), whole_batch_log)
+    assert all(0 <= r["data_wait"] <= 1 for r in whole_batch_log if "loss" in r)
+
+
+def test_micro_batch_gradient_equals_the_whole_batch_gradient(micro_root):
+    """Eq. (9) of 4 images x 2 sentences at once, and as chunks of 3 + 1 images with each term weighted by its
+    share (sentences for the seg terms, images for ICL): the same gradient. Training mode, keyed draws."""
+    model, tc = micro_model(micro_root, "--no-train-towers")
+    train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
+    items = [train_set[i] for i in range(4)]
+    procs = train.Processes(0, 0, 1, torch.device("cpu"))
+    grads, values = [], []
+    for size in (0, 3):
+        model.zero_grad(set_to_none=True)
+        chunks = train.collate_micro_batches(items, size, seed=0, epoch=0)
+        terms = train.accumulate_gradients(model, model, chunks, 2, tc, procs, None, None, False)
+        values.append({k: float(v) for k, v in terms.items()})
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert values[0].keys() == values[1].keys() == {"clip_seg", "icl_clip", "sam_seg", "icl_sam", "loss"}
+    # ICL's weight w thresholds the masks at 0: a logit that rounds across 0 moves it by ~1e-4. Whole
+    # vectors are compared: a few gradients (e.g. of key biases) are exactly 0 up to rounding noise
+    for k in values[0]:
+        assert values[1][k] == pytest.approx(values[0][k], rel=1e-3), k
+    assert grads[0].shape == grads[1].shape
+    assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
+
+
+def test_global_batch_is_the_same_images_for_any_number_of_processes():
+    one = train.epoch_batches(50, epoch=3, seed=7, images_per_batch=8, rank=0, world=1)
+    assert len(one) == 6 and sorted(i for b in one for i in b) != list(range(48))  # shuffled, tail dropped
+    for world in (2, 4, 8):
+        shares = [train.epoch_batches(50, 3, 7, 8, rank, world) for rank in range(world)]
+        assert [sum((s[t] for s in shares), []) for t in range(6)] == one  # ranks laid end to end
+    assert train.epoch_batches(50, 4, 7, 8, 0, 1) != one  # a new shuffle every epoch
+
+
+def test_sample_keys_follow_the_image_not_the_layout(micro_root):
+    tc = train.parse_args(micro_args(micro_root, "unused"))
+    train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
+    items = [train_set[i] for i in range(4)]
+    whole = train.collate_micro_batches(items, 0, seed=0, epoch=1)
+    chunks = train.collate_micro_batches(items[2:] + items[:2], 1, seed=0, epoch=1)
+    assert len(whole) == 1 and len(chunks) == 4
+    keys = whole[0]["sample_keys"]
+    assert torch.equal(torch.cat([c["sample_keys"] for c in chunks]), torch.cat([keys[4:], keys[:4]]))
+    assert len(set(keys.tolist())) == 8
+    assert not torch.equal(train.collate_micro_batches(items, 0, seed=0, epoch=2)[0]["sample_keys"], keys)
+
+
 # ---- resume ----
 
 
@@ -364,6 +448,39 @@ def test_paper_config_without_weights_says_what_to_pass(tmp_path):
         train.main(["--config", "paper", "--out", str(tmp_path / "run")])
 
 
+def test_out_of_memory_stops_with_the_flags_that_lower_it(micro_root, tmp_path, monkeypatch):
+    calls = []
+
+    def out_of_memory_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward_losses(*args, **kwargs)
+
+    real_forward_losses = train.forward_losses
+    monkeypatch.setattr(train, "forward_losses", out_of_memory_at_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(train.OutOfMemory) as error:
+        train.main(micro_args(micro_root, out, "--save-every", "1"))
+    message = str(error.value)
+    assert message.startswith("step 3: out of memory on cpu") and "\n" not in message
+    for flag in ("--micro-batch 2", "--grad-checkpoint", "--dtype bfloat16", "--cache-sam"):
+        assert flag in message
+    assert "(step 2)" in message and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_num_workers_auto_is_none_on_cpu_several_on_cuda(monkeypatch):
+    tc = train.parse_args(["--num-workers", "-1"])  # -1 = auto
+    assert tc.num_workers == -1 and train.parse_args([]).num_workers == -1
+    assert train.loader_workers(tc, torch.device("cpu")) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.loader_workers(tc, torch.device("cuda")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.loader_workers(tc, torch.device("cuda")) == 8
+    assert train.loader_workers(train.parse_args(["--num-workers", "3"]), torch.device("cuda")) == 3
+
+
 def test_nan_loss_stops_naming_step_and_term(micro_root, tmp_path, monkeypatch):
     calls = []
 
@@ -501,8 +618,8 @@ def _ddp_worker(rank, world, port, grad_port, root, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    # the real path: torchrun's environment, gloo, DistributedSampler, rank-0 files
-    train.main(micro_args(root, os.path.join(out, "run"), "--max-steps", "3"))
+    # the real path: torchrun's environment, gloo, each rank's share in micro-batches, rank-0 files
+    train.main(micro_args(root, os.path.join(out, "run"), "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "1"))
     # gradients of one global batch of 4 images, 2 per rank
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{grad_port}", rank=rank, world_size=world)
     model, tc = micro_model(root)
@@ -518,14 +635,14 @@ def _ddp_worker(rank, world, port, grad_port, root, out):
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_path):
+def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_path, whole_batch_log):
     mp.spawn(_ddp_worker, args=(2, *_free_ports(2), micro_root, str(tmp_path)), nprocs=2, join=True)
     run = tmp_path / "run"
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' random states
+    assert ckpt["step"] == LAYOUT_STEPS and len(ckpt["rng"]) == 2  # both ranks' random states
     model, tc = micro_model(micro_root)
     assert ckpt["model"].keys() == model.state_dict().keys()  # the unwrapped module, no "module." prefix
-    assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3]  # rank 0 logs alone
+    assert_same_losses(read_log(run), whole_batch_log)  # rank 0 logs alone, the same run as one process
 
     batch = micro_batch(micro_root, tc, [0, 2, 1, 3])
     # one thread, as the workers: the same kernels round alike, so a pair of nearly equal masks whose overlap
