@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import data
 import eval as ris_eval
-from prompt_ris import PromptRIS, PromptRISConfig
-from sam import resize_longest_side_shape
+from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
+from sam import ImageEncoderViT, resize_longest_side_shape
 
 
 def square(top: int, left: int, size: int, frame: int = 4) -> np.ndarray:
@@ -127,7 +127,15 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys):
+def count_sam_encoder_images(monkeypatch) -> list:
+    """Every image that goes through SAM's image encoder (any model instance) appends 1 to the list."""
+    encoded, forward = [], ImageEncoderViT.forward
+    monkeypatch.setattr(ImageEncoderViT, "forward", lambda self, x: encoded.extend([1] * len(x)) or forward(self, x))
+    return encoded
+
+
+def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys, monkeypatch):
+    encoded = count_sam_encoder_images(monkeypatch)
     assert ris_eval.main(["--checkpoint", str(run_dir), "--json"]) == 0
     result = last_json(capsys)
     for key in ris_eval.TABLE_KEYS:
@@ -135,18 +143,26 @@ def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys):
     eval_set = data.RefEvalSet(data.load_refs(str(run_dir.parent / "data"), "synth", "unc"), "val",
                                lambda texts, context_length: torch.zeros(len(texts), context_length))
     assert result["n"] == sum(len(p) for p in eval_set.pairs)  # every sentence of the split, once
-    assert result["reuse_speedup"] >= 1.0 and result["s_per_expression"] > 0
+    # F_IS once per image, shared by its sentences (the saving "reuse_speedup" reports)
+    assert len(encoded) == len(eval_set) == 3 < result["n"]
+    assert {"reuse_speedup", "s_per_expression", "s_per_expression_no_reuse"} <= result.keys()
 
 
-@pytest.mark.parametrize("flags", [["--output", "coarse"], ["--prompts", "none"], ["--prompts", "mask,text"],
-                                   ["--prompts", "point"]])
-def test_ablation_flags_run(run_dir, capsys, flags):
+@pytest.mark.parametrize("flags, use_sam, prompts", [
+    (["--output", "coarse"], False, PROMPT_TYPES), (["--prompts", "none"], True, ()),
+    (["--prompts", "mask,text"], True, ("mask", "text")), (["--prompts", "point"], True, ("point",)),
+    ([], True, PROMPT_TYPES)])
+def test_ablation_flags_reach_the_model(run_dir, capsys, monkeypatch, flags, use_sam, prompts):
+    """Table 3 / 5 switches: every forward of the model gets them (not only the printed result)."""
+    calls, forward = [], PromptRIS.forward
+    monkeypatch.setattr(PromptRIS, "forward", lambda self, *args, **kwargs: calls.append(kwargs) or
+                        forward(self, *args, **kwargs))
     assert ris_eval.main(["--checkpoint", str(run_dir / "model.safetensors"), "--max-images", "1", "--json"]
                          + flags) == 0
-    result = last_json(capsys)
-    assert result["n"] > 0
-    if flags[0] == "--prompts":
-        assert tuple(result["prompts"]) == ris_eval.parse_prompts(flags[1]) and result["output"] == "mask"
+    assert last_json(capsys)["n"] > 0 and calls
+    for kwargs in calls:
+        assert kwargs["use_sam"] == use_sam
+        assert tuple(kwargs["prompts"]) == prompts or not use_sam
 
 
 def test_prompt_subset_reaches_sam_and_coarse_output_skips_it(run_dir):

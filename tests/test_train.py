@@ -6,6 +6,7 @@ stays within a few minutes on 2 CPU cores.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 
 import data
 import prompt_ris
 import train
 from helpers import pin_point_prompt
+from test_data import tiny_records, write_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +51,18 @@ def micro_args(root, out, *extra):
     return ["--config", "demo", "--data-root", root, "--out", str(out), "--clip-size", "32", "--sam-size", "32",
             "--images-per-batch", "4", "--sentences-per-image", "2", "--epochs", "4", "--stage1-epochs", "1",
             "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_step_run(micro_root, tmp_path_factory):
+    """A finished 1-step micro run, read by several tests; a test that changes it works on a copy (copy_run)."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    return out
+
+
+def copy_run(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
 
 
 def read_log(out):
@@ -84,9 +99,8 @@ def test_few_steps_lower_the_loss(micro_root, tmp_path):
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "train.log")
 
 
-def test_run_directory_loads_back_with_eval(micro_root, tmp_path):
-    out = tmp_path / "run"
-    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+def test_run_directory_loads_back_with_eval(one_step_run):
+    out = one_step_run
     import eval as ris_eval
     model, _, run_config = ris_eval.load_run(str(out))
     trained = load_file(os.path.join(out, "model.safetensors"))
@@ -142,9 +156,22 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run_bitwise(micro_root, t
     assert_bitwise_equal(moments_a, moments_b)
 
 
-def test_resume_without_flags_takes_the_run_config(micro_root, tmp_path):
-    out = tmp_path / "run"
-    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+def test_resume_with_another_model_config_is_refused(micro_root, one_step_run, tmp_path):
+    out = copy_run(one_step_run, tmp_path)
+    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: saved for a different model.*'n_prompts'"):
+        train.main(micro_args(micro_root, out, "--resume", "--n-prompts", "2"))
+
+
+def test_resume_with_another_number_of_processes_is_refused(micro_root, one_step_run, tmp_path):
+    out = copy_run(one_step_run, tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, out / "ckpt.pt")  # the RNG states of two ranks, as 2 processes save
+    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: written by 2 processes, resumed with 1"):
+        train.main(micro_args(micro_root, out, "--resume"))
+
+
+def test_resume_without_flags_takes_the_run_config(micro_root, one_step_run):
+    out = one_step_run
     tc = train.parse_args(["--resume", "--out", str(out)])
     assert (tc.clip_size, tc.images_per_batch, tc.data_root, tc.max_steps) == (32, 4, micro_root, 0)
 
@@ -152,9 +179,8 @@ def test_resume_without_flags_takes_the_run_config(micro_root, tmp_path):
 # ---- checkpoints and failures ----
 
 
-def test_corrupt_or_truncated_checkpoint_is_a_clear_error(micro_root, tmp_path):
-    out = tmp_path / "run"
-    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(micro_root, one_step_run, tmp_path):
+    out = copy_run(one_step_run, tmp_path)
     path = out / "ckpt.pt"
     good = path.read_bytes()
     for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
@@ -219,6 +245,86 @@ def test_nan_loss_stops_naming_step_and_term(micro_root, tmp_path, monkeypatch):
         train.main(micro_args(micro_root, out, "--save-every", "1"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradient overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradient_norm_stops_before_the_update(micro_root, tmp_path, monkeypatch):
+    calls = []
+
+    def loss_with_infinite_gradient_at_third_step(*args, **kwargs):
+        terms = real_total_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["loss"] = InfiniteGradient.apply(terms["loss"])
+        return terms
+
+    real_total_loss = train.total_loss
+    monkeypatch.setattr(train, "total_loss", loss_with_infinite_gradient_at_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"step 3: gradient norm is (inf|nan).*\(step 2\)"):
+        train.main(micro_args(micro_root, out, "--save-every", "1"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+# ---- G-Ref's two partitions ----
+
+
+def gref_records():
+    """tiny_records plus image 5 with a training ref: umd trains on images 9 and 5, google evaluates on 5."""
+    refs, instances = tiny_records()
+    instances["images"].append({"id": 5, "file_name": "COCO_train2014_000000000005.jpg", "height": 20, "width": 30})
+    instances["annotations"].append({**instances["annotations"][0], "id": 103, "image_id": 5})
+    refs.append({**refs[0], "ref_id": 3, "ann_id": 103, "image_id": 5})
+    google = [dict(r, split="val") if r["image_id"] == 5 else r for r in refs]
+    return refs, google, instances
+
+
+def test_gref_training_holds_out_the_eval_images_of_the_other_partition(tmp_path):
+    """§4.2 / README "Training data": G-Ref umd and google split the same refs differently, so training on
+    umd must not see google's val images when that refs file is present (its val(G) is reported too)."""
+    umd, google, instances = gref_records()
+    root = str(tmp_path / "refer")
+    write_tree(root, umd, instances, dataset="refcocog", split_by="umd")
+    args = ["--config", "demo", "--data-root", root, "--datasets", "refcocog", "--val-dataset", "refcocog",
+            "--out", str(tmp_path / "run"), "--images-per-batch", "16"]  # no full batch: the error gives the count
+    with pytest.raises(ValueError, match="^2 training images give no full batch"):
+        train.main(args)
+    write_tree(root, google, instances, dataset="refcocog", split_by="google")
+    with pytest.raises(ValueError, match="^1 training images give no full batch"):
+        train.main(args)
+
+
+# ---- the distributed sampler ----
+
+
+def test_ranks_together_see_exactly_the_global_batch_of_one_process():
+    """Several GPUs (README "Running for days"): at every step of every epoch the two ranks' images are
+    exactly one process's global batch of 8; the incomplete last batch is dropped alike."""
+    images = list(range(23))
+
+    def batches(world, rank, epoch):  # the sampler as train.main builds it
+        sampler = DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
+        return train.epoch_batches(sampler, epoch, per_rank=8 // world)
+
+    for epoch in (0, 1):
+        one, (rank0, rank1) = batches(1, 0, epoch), (batches(2, rank, epoch) for rank in (0, 1))
+        assert len(one) == len(rank0) == len(rank1) == 2  # 23 // 8
+        for step in range(2):
+            assert len(rank0[step]) == len(rank1[step]) == 4
+            assert sorted(rank0[step] + rank1[step]) == sorted(one[step])
+    assert batches(1, 0, 0) != batches(1, 0, 1)  # reshuffled every epoch
 
 
 # ---- command line ----
