@@ -53,6 +53,26 @@ def test_eq2_coarse_logits_are_the_eos_inner_product_scaled_by_one_over_sqrt_d_p
     torch.testing.assert_close(logits, expected)
 
 
+class Constant(nn.Module):
+    """Stands in for an attention or an MLP: adds nothing of its input, returns `value`."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, *args):
+        return torch.full_like(x, self.value)
+
+
+def test_eq1_cross_attention_layers_are_pre_norm_residuals():
+    """Each layer of Eq. (1) is x + CrossAttn(LN(x), LN(context)), then + MLP(LN(.)): with the attention
+    returning 1 and the MLP 2, the output is x + 3."""
+    layer = CoarseMaskDecoder(dim=4, heads=2).image_from_text
+    layer.attn, layer.mlp = Constant(1.0), Constant(2.0)
+    x = torch.randn(1, 3, 4)
+    torch.testing.assert_close(layer(x, torch.randn(1, 2, 4)), x + 3)
+
+
 def test_eq1_both_decoder_directions_read_the_unupdated_inputs_and_mask_padded_text():
     """F'_IC = CrossAttn(F_IC, F_T) with padded text keys masked; F'_T = CrossAttn(F_T, F_IC), not of F'_IC."""
     decoder = CoarseMaskDecoder(dim=8, heads=2)
@@ -245,6 +265,28 @@ def test_icl_loss_equals_eq7_and_eq8_computed_by_hand_on_two_images():
     image_1 = (1 + 2 / 4) * -math.log(o_34) / 2 ** 2
     expected = (image_0 + image_1) / 2
     assert icl_loss(logits, target, ids, image_index).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_icl_weights_threshold_the_mask_strictly_above_logit_zero_like_the_metrics():
+    """w_i counts a pixel when its logit is > 0, as eval.py's masks do. Sentence 1: logits [0, .5, 30, 30]
+    (thresholded [0, 1, 1, 1], IoU 1 with [0, 1, 1, 1]); sentence 2, another instance: [1, 1, 0, 0], IoU 1.
+    O_12 = 2 (.5 + s) / (.25 + s^2 + 2 + 2), s = sigmoid(.5); L = (w_1 + w_2) (-log(1 - O_12)) / 2^2."""
+    logits = torch.stack([torch.tensor([[0.0, 0.5, BIG, BIG]]), binary_logits([1, 1, 0, 0])[0]])
+    target = torch.tensor([[[0.0, 1, 1, 1]], [[1.0, 1, 0, 0]]])
+    s = 1 / (1 + math.exp(-0.5))
+    o_12 = 2 * (0.5 + s) / (0.25 + s ** 2 + 2 + 2)
+    expected = (1 + 1) * -math.log(1 - o_12) / 2 ** 2
+    loss = icl_loss(logits, target, torch.tensor([1, 2]), torch.tensor([0, 0]))
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_icl_is_finite_for_disjoint_masks_of_one_instance():
+    """O_12 = 0 for two exactly disjoint masks; Y_12 = 1 would take log 0: O is clamped at eps, so the pair
+    costs w_1 (-log eps) / 2^2 (sentence 2 has IoU 0 with the instance, w_2 = 0)."""
+    logits = 200 * (2 * torch.tensor([[[1.0, 1, 0, 0]], [[0.0, 0, 1, 1]]]) - 1)  # probabilities exactly 0 and 1
+    target = torch.tensor([[[1.0, 1, 0, 0]], [[1.0, 1, 0, 0]]])
+    loss = icl_loss(logits, target, torch.tensor([5, 5]), torch.tensor([0, 0]))
+    assert loss.item() == pytest.approx(-math.log(1e-6) / 4, abs=1e-5)
 
 
 # ---- §3.3 segmentation losses and Eq. (9) ----

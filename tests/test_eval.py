@@ -59,6 +59,19 @@ def test_empty_prediction_of_empty_ground_truth_has_iou_one():
     result = metrics.compute()
     assert result["mIoU"] == pytest.approx(62.5)
     assert result["oIoU"] == pytest.approx(25.0)  # the empty pair adds nothing to the sums
+    only_empty = ris_eval.RISMetrics()
+    only_empty.update(np.zeros((3, 3)), np.zeros((3, 3)))
+    assert only_empty.compute()["oIoU"] == 100.0  # no union at all: nothing missed
+
+
+def test_expressions_without_ids_are_groups_of_their_own_beside_grouped_ones():
+    metrics = ris_eval.RISMetrics()
+    for iou_one, ids in ((True, {}), (False, {}), (True, {"image_id": 7, "ann_id": 70}),
+                         (True, {"image_id": 7, "ann_id": 70}), (False, {"image_id": 7, "ann_id": 70})):
+        metrics.update(square(0, 0, 2 if iou_one else 1), square(0, 0, 2), **ids)  # IoU 1 or 1/4
+    result = metrics.compute()
+    assert result["mIoU"] == pytest.approx(100 * 3.5 / 5)
+    assert result["ImgAcc"] == result["InstAcc"] == pytest.approx(100 * (1 + 0.25 + 2.25 / 3) / 3)
 
 
 def test_metrics_without_ids_count_each_expression_as_its_own_image_and_instance():
@@ -75,8 +88,12 @@ def test_metrics_refuse_logits_mismatched_shapes_and_no_data():
         metrics.update(np.full((4, 4), 0.7), square(0, 0, 2))
     with pytest.raises(ValueError, match="shape"):
         metrics.update(np.zeros((4, 5), bool), square(0, 0, 2))
-    with pytest.raises(ValueError, match="no expression"):
+    with pytest.raises(ValueError, match=r"^RISMetrics\.compute: no expression was added"):
         metrics.compute()
+    for bad in ("pred", "gt"):  # a mask that is not (H, W): the message names the argument
+        masks = {"pred": square(0, 0, 2), "gt": square(0, 0, 2), bad: np.zeros((1, 4, 4), bool)}
+        with pytest.raises(ValueError, match=rf"^{bad}: expected a \(H, W\) mask, got shape \(1, 4, 4\)"):
+            metrics.update(masks["pred"], masks["gt"])
 
 
 # ---- geometry: letterboxed frame -> original image ----
