@@ -53,9 +53,10 @@ class SAMConfig:
 
     @classmethod
     def tiny(cls) -> "SAMConfig":
-        """Same architecture, small numbers: for fast tests."""
+        """Same architecture, small numbers: for fast tests. The mask embedding keeps ViT-B's 16 channels: its
+        first LayerNorm spans mask_in_chans // 4 of them, and over a single one it returns a constant."""
         return cls(image_size=256, encoder_width=64, encoder_depth=2, encoder_heads=2, global_attn_indexes=(1,),
-                   window_size=4, prompt_dim=32, mask_in_chans=4, decoder_depth=2, decoder_heads=2,
+                   window_size=4, prompt_dim=32, mask_in_chans=16, decoder_depth=2, decoder_heads=2,
                    decoder_mlp_dim=64, iou_head_hidden_dim=32)
 
     @classmethod

@@ -85,35 +85,38 @@ def full_size(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs():
-    """Two images and the sentences tokenized with OpenAI's vocabulary (shipped with open_clip) when
-    it is installed, else with the byte fallback; padded to 77."""
+    """Two images at 224, one at 480 (the paper's CLIP input: 30x30 patches) and the sentences tokenized
+    with OpenAI's vocabulary (shipped with open_clip) when it is installed, else with the byte fallback."""
     torch.manual_seed(1)
     spec = importlib.util.find_spec("open_clip")
     vocab = spec and os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
-    return torch.randn(2, 3, 224, 224), Tokenizer(vocab if vocab and os.path.isfile(vocab) else None)(SENTENCES)
+    tokens = Tokenizer(vocab if vocab and os.path.isfile(vocab) else None)(SENTENCES)
+    return torch.randn(2, 3, 224, 224), torch.randn(1, 3, 480, 480), tokens
 
 
-def test_full_size_openai_naming_matches_transformers(full_size, inputs):
-    hf, folder = full_size
-    pixels, tokens = inputs
-    model = load_clip(folder / "openai.safetensors")
+@pytest.fixture(scope="module")
+def reference(full_size, inputs):
+    """transformers' outputs on the inputs, computed once for both namings."""
+    hf, _ = full_size
+    pixels, large, tokens = inputs
     with torch.no_grad():
-        assert relative_error(model.encode_image(pixels), features(hf.get_image_features(pixel_values=pixels))) < 1e-4
-        assert relative_error(model.encode_text(tokens), features(hf.get_text_features(input_ids=tokens))) < 1e-4
-        ours, _ = model(pixels, tokens)
-        assert relative_error(ours, hf(input_ids=tokens, pixel_values=pixels).logits_per_image) < 1e-4
+        return {"image": features(hf.get_image_features(pixel_values=pixels)),
+                "text": features(hf.get_text_features(input_ids=tokens)),
+                "image_480": features(hf.get_image_features(pixel_values=large, interpolate_pos_encoding=True)),
+                "logits": hf(input_ids=tokens, pixel_values=pixels).logits_per_image}
 
 
-def test_full_size_hf_naming_matches_transformers_at_224_and_480(full_size, inputs):
-    hf, folder = full_size
-    pixels, tokens = inputs
-    model = load_clip(folder / "hf.safetensors")
-    large = torch.randn(1, 3, 480, 480)  # the paper's CLIP input: 30x30 patches
+@pytest.mark.parametrize("naming", ["openai", "hf"])
+def test_full_size_file_matches_transformers_at_224_and_480(full_size, inputs, reference, naming):
+    _, folder = full_size
+    pixels, large, tokens = inputs
+    model = load_clip(folder / f"{naming}.safetensors")
     with torch.no_grad():
-        assert relative_error(model.encode_image(pixels), features(hf.get_image_features(pixel_values=pixels))) < 1e-4
-        assert relative_error(model.encode_text(tokens), features(hf.get_text_features(input_ids=tokens))) < 1e-4
-        theirs = features(hf.get_image_features(pixel_values=large, interpolate_pos_encoding=True))
-        assert relative_error(model.encode_image(large), theirs) < 1e-4
+        assert relative_error(model.encode_image(pixels), reference["image"]) < 1e-4
+        assert relative_error(model.encode_image(large), reference["image_480"]) < 1e-4
+        assert relative_error(model.encode_text(tokens), reference["text"]) < 1e-4
+        if naming == "openai":  # the logit scale too (one naming suffices: the forward is the same code)
+            assert relative_error(model(pixels, tokens)[0], reference["logits"]) < 1e-4
 
 
 def test_both_namings_infer_vit_b16_config(full_size):

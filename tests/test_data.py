@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import struct
 
 import numpy as np
@@ -539,24 +540,21 @@ def test_real_tokenizer_fits_the_dataset(synth):
     assert (tokens[:, 0] == 49406).all() and (tokens == 49407).sum(1).eq(1).all()
 
 
-def test_unreadable_training_image_is_skipped_with_a_log(synth_root, synth, caplog, tmp_path):
-    ds = train_set(synth)
+def test_unreadable_training_image_is_skipped_with_a_log(synth_root, caplog, tmp_path):
+    root = shutil.copytree(synth_root, tmp_path / "synth")  # a private copy: the module's files stay intact
+    copy = data.load_refs(str(root), "synth", "unc")
+    ds = train_set(copy)
     broken = ds.data.images[ds.image_ids[2]]["path"]
-    original = open(broken, "rb").read()
-    try:
-        with open(broken, "wb") as f:
-            f.write(b"not a jpeg")
-        with caplog.at_level(logging.WARNING, logger="data"):
-            item = ds[2]
-        assert item["image_id"] == ds.image_ids[3]  # the next image, deterministically
-        assert item["sentences"] == ds[3]["sentences"]
-        assert broken in caplog.text and "skipping" in caplog.text
-        eval_set = data.RefEvalSet(synth, "train", CharTokenizer(), CLIP_SIZE, SAM_SIZE)
-        with pytest.raises(OSError, match="cannot open image .*" + os.path.basename(broken)):
-            eval_set[eval_set.image_ids.index(ds.image_ids[2])]
-    finally:
-        with open(broken, "wb") as f:
-            f.write(original)
+    with open(broken, "wb") as f:
+        f.write(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        item = ds[2]
+    assert item["image_id"] == ds.image_ids[3]  # the next image, deterministically
+    assert item["sentences"] == ds[3]["sentences"]
+    assert broken in caplog.text and "skipping" in caplog.text
+    eval_set = data.RefEvalSet(copy, "train", CharTokenizer(), CLIP_SIZE, SAM_SIZE)
+    with pytest.raises(OSError, match="cannot open image .*" + os.path.basename(broken)):
+        eval_set[eval_set.image_ids.index(ds.image_ids[2])]
 
 
 def test_image_size_disagreeing_with_annotation_names_the_file(synth):

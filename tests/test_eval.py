@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import data
 import synth
 import eval as ris_eval
-from prompt_ris import PromptRIS, PromptRISConfig
-from sam import resize_longest_side_shape
+from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
+from sam import ImageEncoderViT, resize_longest_side_shape
 
 
 def square(top: int, left: int, size: int, frame: int = 4) -> np.ndarray:
@@ -61,6 +61,19 @@ def test_empty_prediction_of_empty_ground_truth_has_iou_one():
     result = metrics.compute()
     assert result["mIoU"] == pytest.approx(62.5)
     assert result["oIoU"] == pytest.approx(25.0)  # the empty pair adds nothing to the sums
+    only_empty = ris_eval.RISMetrics()
+    only_empty.update(np.zeros((3, 3)), np.zeros((3, 3)))
+    assert only_empty.compute()["oIoU"] == 100.0  # no union at all: nothing missed
+
+
+def test_expressions_without_ids_are_groups_of_their_own_beside_grouped_ones():
+    metrics = ris_eval.RISMetrics()
+    for iou_one, ids in ((True, {}), (False, {}), (True, {"image_id": 7, "ann_id": 70}),
+                         (True, {"image_id": 7, "ann_id": 70}), (False, {"image_id": 7, "ann_id": 70})):
+        metrics.update(square(0, 0, 2 if iou_one else 1), square(0, 0, 2), **ids)  # IoU 1 or 1/4
+    result = metrics.compute()
+    assert result["mIoU"] == pytest.approx(100 * 3.5 / 5)
+    assert result["ImgAcc"] == result["InstAcc"] == pytest.approx(100 * (1 + 0.25 + 2.25 / 3) / 3)
 
 
 def test_metrics_without_ids_count_each_expression_as_its_own_image_and_instance():
@@ -77,8 +90,12 @@ def test_metrics_refuse_logits_mismatched_shapes_and_no_data():
         metrics.update(np.full((4, 4), 0.7), square(0, 0, 2))
     with pytest.raises(ValueError, match="shape"):
         metrics.update(np.zeros((4, 5), bool), square(0, 0, 2))
-    with pytest.raises(ValueError, match="no expression"):
+    with pytest.raises(ValueError, match=r"^RISMetrics\.compute: no expression was added"):
         metrics.compute()
+    for bad in ("pred", "gt"):  # a mask that is not (H, W): the message names the argument
+        masks = {"pred": square(0, 0, 2), "gt": square(0, 0, 2), bad: np.zeros((1, 4, 4), bool)}
+        with pytest.raises(ValueError, match=rf"^{bad}: expected a \(H, W\) mask, got shape \(1, 4, 4\)"):
+            metrics.update(masks["pred"], masks["gt"])
 
 
 # ---- geometry: letterboxed frame -> original image ----
@@ -129,7 +146,15 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys):
+def count_sam_encoder_images(monkeypatch) -> list:
+    """Every image that goes through SAM's image encoder (any model instance) appends 1 to the list."""
+    encoded, forward = [], ImageEncoderViT.forward
+    monkeypatch.setattr(ImageEncoderViT, "forward", lambda self, x: encoded.extend([1] * len(x)) or forward(self, x))
+    return encoded
+
+
+def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys, monkeypatch):
+    encoded = count_sam_encoder_images(monkeypatch)
     assert ris_eval.main(["--checkpoint", str(run_dir), "--json"]) == 0
     result = last_json(capsys)
     for key in ris_eval.TABLE_KEYS:
@@ -137,19 +162,27 @@ def test_main_evaluates_the_runs_own_data_and_prints_json(run_dir, capsys):
     eval_set = data.RefEvalSet(data.load_refs(str(run_dir.parent / "data"), "synth", "unc"), "val",
                                lambda texts, context_length: torch.zeros(len(texts), context_length))
     assert result["n"] == sum(len(p) for p in eval_set.pairs)  # every sentence of the split, once
-    assert result["refs"] == len(eval_set.data.split_refs("val")) < result["n"]
-    assert result["reuse_speedup"] >= 1.0 and result["s_per_expression"] > 0
+    assert result["refs"] == len(eval_set.data.split_refs("val"))
+    # F_IS once per image, shared by its sentences (the saving "reuse_speedup" reports)
+    assert len(encoded) == len(eval_set) == 3 < result["n"]
+    assert {"reuse_speedup", "s_per_expression", "s_per_expression_no_reuse"} <= result.keys()
 
 
-@pytest.mark.parametrize("flags", [["--output", "coarse"], ["--prompts", "none"], ["--prompts", "mask,text"],
-                                   ["--prompts", "point"]])
-def test_ablation_flags_run(run_dir, capsys, flags):
+@pytest.mark.parametrize("flags, use_sam, prompts", [
+    (["--output", "coarse"], False, PROMPT_TYPES), (["--prompts", "none"], True, ()),
+    (["--prompts", "mask,text"], True, ("mask", "text")), (["--prompts", "point"], True, ("point",)),
+    ([], True, PROMPT_TYPES)])
+def test_ablation_flags_reach_the_model(run_dir, capsys, monkeypatch, flags, use_sam, prompts):
+    """Table 3 / 5 switches: every forward of the model gets them (not only the printed result)."""
+    calls, forward = [], PromptRIS.forward
+    monkeypatch.setattr(PromptRIS, "forward", lambda self, *args, **kwargs: calls.append(kwargs) or
+                        forward(self, *args, **kwargs))
     assert ris_eval.main(["--checkpoint", str(run_dir / "model.safetensors"), "--max-images", "1", "--json"]
                          + flags) == 0
-    result = last_json(capsys)
-    assert result["n"] > 0
-    if flags[0] == "--prompts":
-        assert tuple(result["prompts"]) == ris_eval.parse_prompts(flags[1]) and result["output"] == "mask"
+    assert last_json(capsys)["n"] > 0 and calls
+    for kwargs in calls:
+        assert kwargs["use_sam"] == use_sam
+        assert tuple(kwargs["prompts"]) == prompts or not use_sam
 
 
 def test_prompt_subset_reaches_sam_and_coarse_output_skips_it(run_dir):

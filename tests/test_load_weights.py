@@ -1,4 +1,5 @@
 """load_weights.py: SAM loading in both namings, clear errors for bad files, and the command line."""
+import copy
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_hf_file_reproduces_segment_anything_layernorm_eps_not_transformers(hf_m
     """transformers' two-way blocks use LayerNorm eps 1e-6, segment_anything (the truth) 1e-5: an HF file
     loaded here matches segment_anything run on the same weights, and visibly not transformers, once
     activations are small enough for eps to matter."""
+    hf_model = copy.deepcopy(hf_model)  # its weights are shrunk below; the module fixture stays as it was
     ours = load_sam(save_state(hf_model.state_dict(), tmp_path / "hf.safetensors"), config=TINY).eval()
     official = build_official_sam(TINY)
     official.load_state_dict(ours.state_dict())
