@@ -93,6 +93,8 @@ def test_bad_inputs_raise_clear_errors():
         model(**{**inputs, "sam_images": None})
     with pytest.raises(ValueError, match="prompts"):
         model(**inputs, prompts=("box",))
+    with pytest.raises(ValueError, match=r"^tokens must be \(N, L\) token ids, got shape \(77,\)"):
+        prepare_text(batch["tokens"][0])
 
 
 # ---- configuration ----
@@ -211,6 +213,17 @@ def test_gumbel_forward_is_exact_one_hot():
     assert torch.equal(m, F.one_hot(logits.argmax(1), 50).float())
 
 
+def test_gumbel_defaults_sample_with_temperature_one():
+    """straight_through_gumbel(logits): noise on (equal logits give many different cells); tau = 1 (the
+    backward without noise is the Jacobian of softmax(logits))."""
+    assert len(straight_through_gumbel(torch.zeros(200, 50)).argmax(1).unique()) > 30
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 7, dtype=torch.float64)
+    (straight_through_gumbel(logits, sample=False) * v).sum().backward()
+    p = torch.softmax(logits.detach(), dim=1)
+    torch.testing.assert_close(logits.grad, p * (v - (p * v).sum(1, keepdim=True)))
+
+
 def test_gumbel_backward_is_softmax_jacobian():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
@@ -301,8 +314,12 @@ def test_prompt_dropout_keeps_at_least_one_enabled_prompt():
     assert keep.any(1).all()
     # each prompt survives with prob 1 - p, and a row that lost all three (prob p^3) gets one back
     assert abs(keep.float().mean() - (0.5 + 0.5 ** 3 / 3)) < 0.02
-    keep = model.prompt_keep(4000, ("mask", "text"), "cpu")
-    assert keep.any(1).all() and not keep[:, 1].any()
+    for subset in (("mask", "text"), ("mask", "point"), ("text",), ()):  # Table 5 rows trained with a subset
+        keep = model.prompt_keep(4000, subset, "cpu")
+        enabled = torch.tensor([t in subset for t in PROMPT_TYPES])
+        assert keep.shape == (4000, 3) and not (keep & ~enabled).any(), subset  # only enabled types
+        assert bool(keep.any(1).all()) == bool(subset), subset  # one at least, whenever one is enabled
+        assert keep[:, enabled].all() or len(subset) != 1  # a single type always comes back
     assert model.eval().prompt_keep(5, PROMPT_TYPES, "cpu").all()  # no dropout at inference
 
 
