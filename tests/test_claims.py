@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import prompt_ris
 from helpers import pin_point_prompt
 from oracles import build_official_sam
 from prompt_ris import (CoarseMaskDecoder, PromptRISConfig, dice_coefficient, icl_loss, prepare_text,
@@ -60,7 +61,8 @@ class Constant(nn.Module):
         super().__init__()
         self.value = value
 
-    def forward(self, x, *args):
+    def forward(self, x, *args, **kwargs):
+        self.args = (x, *args)
         return torch.full_like(x, self.value)
 
 
@@ -87,6 +89,22 @@ def test_eq1_both_decoder_directions_read_the_unupdated_inputs_and_mask_padded_t
     assert queries is f_ic and context is f_t and torch.equal(mask, valid)
     queries, context = seen["text_from_image"][:2]
     assert queries is f_t and context is f_ic
+
+
+# ---- §3.1 text prompts ----
+
+
+def test_text_prompt_blocks_are_pre_norm_residuals_with_sams_positional_encoding_on_the_keys():
+    """x + SelfAttn(LN(x)) (padding masked), + CrossAttn(LN(x), F_IS + PE, F_IS), + MLP(LN(.)): with the three
+    sub-layers returning 1, 2 and 4 the output is x + 7; the cross-attention's keys carry SAM's dense PE."""
+    block = tiny_model().text_prompter.blocks[0]
+    block.self_attn, block.cross_attn, block.mlp = Constant(1.0), Constant(2.0), Constant(4.0)
+    x, valid = torch.randn(2, 3, 32), torch.tensor([[True, True, False], [True, True, True]])
+    image, pe = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    torch.testing.assert_close(block(x, valid, image, pe, torch.tensor([0, 0])), x + 7)
+    assert torch.equal(block.self_attn.args[3], valid)
+    _, keys, values = block.cross_attn.args
+    assert torch.equal(keys, image + pe) and torch.equal(values, image)
 
 
 # ---- Eq. (3): the point prompt ----
@@ -352,6 +370,41 @@ def test_sam_image_encoder_runs_once_per_image_not_per_sentence():
     for mode in (True, False):
         model.train(mode)(**model_inputs(batch))
     assert encoded == [2, 2]  # 2 images, 5 sentences
+
+
+def test_without_l2v_the_vision_tower_runs_once_per_image():
+    """Image tokens depend on the sentence only through L2V prompts: in the "v2l" and "none" ablations
+    (Table 4) every CLIP vision block sees the 2 images, with L2V the 5 sentences."""
+    for mode, rows in (("v2l", 2), ("none", 2), ("both", 5)):
+        model = tiny_model(cmp=mode).eval()
+        seen = []
+        for block in model.clip.visual.transformer.resblocks:
+            block.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+        with torch.no_grad():
+            model(**model_inputs(tiny_batch()), use_sam=False)
+        assert seen == [rows] * model.config.clip.vision_layers, mode
+
+
+def test_grad_checkpoint_recomputes_every_clip_block_and_changes_no_gradient(monkeypatch):
+    """README "Running for days", --grad-checkpoint: every CLIP block (vision and text) runs under activation
+    checkpointing, only with the flag and only with gradients on, and the gradients stay the same."""
+    calls, real = [], prompt_ris.checkpoint
+    monkeypatch.setattr(prompt_ris, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    batch, grads = tiny_batch(), []
+    for recompute in (False, True):
+        model = tiny_model().eval()
+        pin_point_prompt(model)
+        model.cmp.grad_checkpoint = recompute
+        out = model(**model_inputs(batch))
+        total_loss(out, batch["masks"], batch["instance_ids"], batch["image_index"])["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert len(calls) == 4 * recompute, recompute  # tiny CLIP: 2 vision + 2 text blocks
+        with torch.no_grad():
+            model(**model_inputs(batch))
+        assert len(calls) == 4 * recompute  # no recomputation without a backward pass
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
 # ---- README "Design decisions": values the paper does not give ----

@@ -94,6 +94,8 @@ def test_bad_inputs_raise_clear_errors():
         model(**{**inputs, "sam_images": None})
     with pytest.raises(ValueError, match="prompts"):
         model(**inputs, prompts=("box",))
+    with pytest.raises(ValueError, match=r"^tokens must be \(N, L\) token ids, got shape \(77,\)"):
+        prepare_text(batch["tokens"][0])
 
 
 # ---- configuration ----
@@ -240,6 +242,18 @@ def test_gumbel_choice_frequencies_follow_the_softmax():
                                atol=0.015, rtol=0)
 
 
+def test_gumbel_defaults_no_noise_without_keys_and_temperature_one():
+    """straight_through_gumbel(logits, keys=...): noise (equal logits give many different cells); without
+    keys none (inference); tau = 1 (the backward is the Jacobian of softmax(logits))."""
+    assert len(straight_through_gumbel(torch.zeros(200, 50), keys=torch.arange(200)).argmax(1).unique()) > 30
+    assert straight_through_gumbel(torch.zeros(200, 50)).argmax(1).eq(0).all()
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 7, dtype=torch.float64)
+    (straight_through_gumbel(logits) * v).sum().backward()
+    p = torch.softmax(logits.detach(), dim=1)
+    torch.testing.assert_close(logits.grad, p * (v - (p * v).sum(1, keepdim=True)))
+
+
 def test_gumbel_backward_is_softmax_jacobian():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
@@ -358,6 +372,12 @@ def test_prompt_dropout_keeps_at_least_one_enabled_prompt():
     assert (abs(revived - 1 / 3) < 0.05).all(), revived
     keep = model.prompt_keep(4000, ("mask", "text"), "cpu", keys)
     assert keep.any(1).all() and not keep[:, 1].any()
+    for subset in (("mask", "text"), ("mask", "point"), ("text",), ()):  # Table 5 rows trained with a subset
+        keep = model.prompt_keep(4000, subset, "cpu", keys)
+        enabled = torch.tensor([t in subset for t in PROMPT_TYPES])
+        assert keep.shape == (4000, 3) and not (keep & ~enabled).any(), subset  # only enabled types
+        assert bool(keep.any(1).all()) == bool(subset), subset  # one at least, whenever one is enabled
+        assert keep[:, enabled].all() or len(subset) != 1  # a single type always comes back
     assert model.prompt_keep(5, PROMPT_TYPES, "cpu").all()  # no keys (inference): no dropout
 
 
