@@ -232,8 +232,13 @@ def keyed_uniform(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     """keys (N,) int64 -> (N, n) float32 uniform in (0, 1): draw j of sentence i is a hash of (key_i, stream, j)."""
     counter = torch.arange(n, device=keys.device)
     offset = (stream * _GOLDEN + 2**63) % 2**64 - 2**63  # stream * golden, wrapped to int64 as the tensors wrap
-    bits = mix64(mix64(keys[:, None] + offset) + counter * _GOLDEN)  # (N, n)
-    return (_shift_right(bits, 40).float() + 0.5) * 2.0 ** -24  # top 24 bits: exact in float32, never 0 or 1
+    return unit_interval(mix64(mix64(keys[:, None] + offset) + counter * _GOLDEN))  # (N, n)
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """int64 random bits -> float32 in (0, 1), never 0 or 1 (Gumbel's -log(-log u) must stay finite): the top 23
+    bits x give (x + 1/2) / 2^23, exact in float32 (with 24 bits, x + 1/2 at x = 2^24 - 1 rounds up to 1)."""
+    return (_shift_right(bits, 41).float() + 0.5) * 2.0 ** -23
 
 
 def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,

@@ -224,6 +224,13 @@ def test_keyed_gumbel_noise_depends_on_the_key_only():
     assert alone.item() == chosen[2].item() and len(set(chosen.tolist())) == 3
 
 
+def test_keyed_uniforms_are_never_0_or_1_so_gumbel_noise_stays_finite():
+    extremes = prompt_ris.unit_interval(torch.tensor([0, -1, 2**62, -2**63]))  # all-zero and all-one bits
+    assert (extremes > 0).all() and (extremes < 1).all()
+    noise = -(-extremes.log()).log()
+    assert noise.isfinite().all()
+
+
 def test_keyed_uniform_is_uniform_and_keyed():
     u = prompt_ris.keyed_uniform(torch.arange(200), 500, stream=1)
     assert 0 < u.min() and u.max() < 1
