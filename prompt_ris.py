@@ -561,6 +561,7 @@ class PromptRIS(nn.Module):
         """
         use_sam = self.config.use_sam if use_sam is None else use_sam
         prompts = self.config.prompts if prompts is None else tuple(prompts)
+        prepared = prepared or torch.compiler.is_compiling()  # compiled: no host reads (uncut text is exact too)
         self._check_inputs(clip_images, tokens, image_index, sam_embeddings, sam_images, use_sam, prompts, prepared)
         tokens, text_valid, eot = prepare_text(tokens, cut=not prepared)
         x_v, x_t = self.cmp(self.clip, clip_images, image_index, tokens, text_valid)  # §3.2, per sentence
