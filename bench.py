@@ -15,6 +15,7 @@ directly: the package's __init__ imports torchvision). Run by hand; not part of 
 """
 import argparse
 import contextlib
+import ctypes
 import importlib
 import importlib.util
 import json
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import train
 
 from clip_vit import CLIPConfig, cut_tokens
@@ -317,6 +319,8 @@ def bench_train_step(args) -> dict:
              "--dtype", args.dtype, "--grad-checkpoint" if args.grad_checkpoint else "--no-grad-checkpoint"]
     tc = train.parse_args(flags + (["--no-train-towers"] if args.config == "paper" else []))
     device = torch.device(args.device)
+    if device.type == "cpu":
+        unmap_freed_blocks()
     procs = train.Processes(0, 0, 1, device)
     amp_dtype = train.autocast_dtype(tc, device)
     torch.manual_seed(0)
@@ -329,12 +333,16 @@ def bench_train_step(args) -> dict:
     stage = args.stage
     with tempfile.TemporaryDirectory() as cache:
         sam_cache = None if train_towers or stage == 1 else cache
-        if sam_cache:  # stage 2 with a frozen SAM: F_IS precomputed, as --cache-sam reads it back
+        if sam_cache:  # stage 2 with a frozen SAM: F_IS precomputed, and read back as the loader's workers do
             with torch.no_grad(), train.autocast(device, amp_dtype):
                 for chunk in chunks:
                     for i in range(len(chunk["clip_images"])):  # one image at a time: not the step's peak
-                        train.sam_embeddings(model, {k: chunk[k][i:i + 1] for k in ("sam_images", "image_ids")},
-                                             device, sam_cache)
+                        train.sam_embeddings(model, {"sam_images": chunk["sam_images"][i:i + 1],
+                                                     "image_ids": chunk["image_ids"][i:i + 1],
+                                                     "sam_embeddings": [None]}, device, sam_cache)
+                    chunk["sam_embeddings"] = [torch.load(data.sam_cache_path(sam_cache, i), weights_only=True)
+                                               for i in chunk["image_ids"]]
+                    chunk["sam_images"] = None
         _sync(args.device)
         before = memory_now(device)  # the built model, its inputs and the cached embeddings
         reset_peak_memory(device)
@@ -350,7 +358,8 @@ def bench_train_step(args) -> dict:
             with FlopCounterMode(display=False) if n == 0 else contextlib.nullcontext() as counter:
                 step()  # the first also allocates AdamW's state
             times.append(time.perf_counter() - start)
-            flops = counter.get_total_flops() if n == 0 else flops
+            if n == 0:
+                flops = counter.get_total_flops()
             peak = peak_memory(device)
             report_step(n, times[-1], peak, flops, tc.epochs, args)
     step_s = statistics.median(times[1:] or times)  # --steps 0: the counted step's time (counter overhead included)
@@ -362,6 +371,15 @@ def bench_train_step(args) -> dict:
             "flops_per_step": flops, "flops_per_s": flops / step_s, "train_images": args.train_images,
             "epoch_s": epoch_s, "run_s": epoch_s * tc.epochs, "epochs": tc.epochs,
             "trainable_params": model.count_parameters()}
+
+
+def unmap_freed_blocks() -> None:
+    """On glibc, give every block of 128 KiB or more its own mapping, returned to the system when freed. By
+    default the threshold grows with the blocks freed (up to 32 MiB); freed tensors below it then stay in
+    the heap, and the resident set (the CPU peak measured here) overstates the memory in use by gigabytes
+    and differs between runs. Fixing the threshold also stops its growth. Elsewhere: nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
 
 
 def memory_now(device: torch.device) -> int:

@@ -507,7 +507,9 @@ def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None,
     sam_images = to("sam_images") if use_sam and sam_features is None else None
     index = to("image_index")
     keys = to("sample_keys") if "sample_keys" in batch else None
-    out = model(to("clip_images"), to("tokens"), index, sam_embeddings=sam_features, sam_images=sam_images,
+    tokens = to("tokens")
+    torch._dynamo.mark_dynamic(tokens, 1)  # --compile: the text length (a multiple of 8) varies, one graph for all
+    out = model(to("clip_images"), tokens, index, sam_embeddings=sam_features, sam_images=sam_images,
                 use_sam=use_sam, prepared=True, sample_keys=keys)
     return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
 

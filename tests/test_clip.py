@@ -1,5 +1,6 @@
-"""CLIP ViT-B/16: parity with Hugging Face transformers at full size, in both weight namings, plus the
-per-layer API, the positional-embedding resize cache and the prompt-aware text mask."""
+"""CLIP ViT-B/16: parity with Hugging Face transformers (full size from an OpenAI-naming file; both namings,
+at 224 and 480, on ViT-B/16's layout at a narrow width), plus the per-layer API, the positional-embedding
+resize cache and the prompt-aware text mask."""
 import dataclasses
 import importlib.util
 import os
@@ -11,6 +12,8 @@ from safetensors.torch import load_file, save_file
 import clip_vit
 from clip_vit import CLIP, CLIPConfig, ResidualAttentionBlock, Tokenizer, text_attention_mask
 from load_weights import WeightsError, clip_naming, infer_clip_config, load_clip
+
+pytestmark = pytest.mark.xdist_group("test_clip")  # pytest -n: one worker builds the module's oracles
 
 SENTENCES = ["the man in a red shirt on the left", "zebra second from right",
              "a small brown dog lying next to the white couch, facing the camera", "cat"]
@@ -58,29 +61,47 @@ def openai_state_from_hf(hf: dict) -> dict:
     return state
 
 
-@pytest.fixture(scope="module")
-def full_size(tmp_path_factory):
-    """A random ViT-B/16 CLIPModel from transformers and both namings of it on disk."""
+def hf_clip(tmp_path_factory, name: str, vision_width: int, text_width: int):
+    """A random transformers CLIPModel with ViT-B/16's layout (12 blocks per tower, 16 px patches, a 224
+    input, 77 tokens, OpenAI's vocabulary) at the given widths (heads of 64 channels, as load_clip infers),
+    and both namings of it on disk."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, hidden_act="quick_gelu"),
+        text_config=dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=12,
+                         num_attention_heads=text_width // 64, max_position_embeddings=77, vocab_size=49408,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=12,
+                           num_attention_heads=vision_width // 64, image_size=224, patch_size=16,
+                           hidden_act="quick_gelu"),
         projection_dim=512)
     hf = transformers.CLIPModel(config).eval()
     with torch.no_grad():  # LayerNorm / bias init is 1 and 0: perturb so that a swapped tensor shows
         for p in hf.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("clip")
+        for tower in (hf.vision_model, hf.text_model):  # init std 0.02: too small for its resize to show
+            tower.embeddings.position_embedding.weight.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp(name)
     hf_state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     for tower, length in (("text_model", 77), ("vision_model", 197)):  # buffers older versions saved
         hf_state[f"{tower}.embeddings.position_ids"] = torch.arange(length)[None]
     save_file(hf_state, folder / "hf.safetensors")
     save_file({k: v.contiguous() for k, v in openai_state_from_hf(hf_state).items()}, folder / "openai.safetensors")
     return hf, folder
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """ViT-B/16 itself: vision width 768, text width 512."""
+    return hf_clip(tmp_path_factory, "clip", 768, 512)
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    """ViT-B/16's layout at width 128 in both towers: the name maps and the position grid's resize depend on
+    the layout and the grid only, never on a width."""
+    return hf_clip(tmp_path_factory, "narrow_clip", 128, 128)
 
 
 @pytest.fixture(scope="module")
@@ -94,29 +115,30 @@ def inputs():
     return torch.randn(2, 3, 224, 224), torch.randn(1, 3, 480, 480), tokens
 
 
-@pytest.fixture(scope="module")
-def reference(full_size, inputs):
-    """transformers' outputs on the inputs, computed once for both namings."""
-    hf, _ = full_size
-    pixels, large, tokens = inputs
+def test_full_size_openai_file_matches_transformers(full_size, inputs):
+    """ViT-B/16 from a file in OpenAI's naming (as the official weights come): images at 224 and the text."""
+    hf, folder = full_size
+    pixels, _, tokens = inputs
+    model = load_clip(folder / "openai.safetensors")
     with torch.no_grad():
-        return {"image": features(hf.get_image_features(pixel_values=pixels)),
-                "text": features(hf.get_text_features(input_ids=tokens)),
-                "image_480": features(hf.get_image_features(pixel_values=large, interpolate_pos_encoding=True)),
-                "logits": hf(input_ids=tokens, pixel_values=pixels).logits_per_image}
+        assert relative_error(model.encode_image(pixels), features(hf.get_image_features(pixel_values=pixels))) < 1e-4
+        assert relative_error(model.encode_text(tokens), features(hf.get_text_features(input_ids=tokens))) < 1e-4
 
 
 @pytest.mark.parametrize("naming", ["openai", "hf"])
-def test_full_size_file_matches_transformers_at_224_and_480(full_size, inputs, reference, naming):
-    _, folder = full_size
+def test_either_naming_matches_transformers_at_224_and_480_with_the_logit_scale(narrow, inputs, naming):
+    """The narrow ViT-B/16 from either naming: images at 224 and at 480 (the paper's input, the 14 x 14
+    position grid resized to 30 x 30), the text, and CLIPModel's logits (the logit scale)."""
+    hf, folder = narrow
     pixels, large, tokens = inputs
     model = load_clip(folder / f"{naming}.safetensors")
     with torch.no_grad():
-        assert relative_error(model.encode_image(pixels), reference["image"]) < 1e-4
-        assert relative_error(model.encode_image(large), reference["image_480"]) < 1e-4
-        assert relative_error(model.encode_text(tokens), reference["text"]) < 1e-4
-        if naming == "openai":  # the logit scale too (one naming suffices: the forward is the same code)
-            assert relative_error(model(pixels, tokens)[0], reference["logits"]) < 1e-4
+        assert relative_error(model.encode_image(pixels), features(hf.get_image_features(pixel_values=pixels))) < 1e-4
+        assert relative_error(model.encode_text(tokens), features(hf.get_text_features(input_ids=tokens))) < 1e-4
+        logits = hf(input_ids=tokens, pixel_values=pixels).logits_per_image
+        assert relative_error(model(pixels, tokens)[0], logits) < 1e-4
+        at_480 = hf.get_image_features(pixel_values=large, interpolate_pos_encoding=True)
+        assert relative_error(model.encode_image(large), features(at_480)) < 1e-4
 
 
 def test_both_namings_infer_vit_b16_config(full_size):

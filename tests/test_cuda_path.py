@@ -5,6 +5,7 @@ CPU autocast to bfloat16 casts the same matmuls as CUDA autocast, so the float32
 encodings, Eq. (2), Eq. (3), the losses) are exercised here exactly as they run on a GPU.
 """
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from clip_vit import cut_tokens
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import PositionEmbeddingRandom, SAMConfig
 from test_prompt_ris import make_tokens, tiny_batch, tiny_model
+from test_train import micro_args
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -107,20 +109,16 @@ def test_inference_point_is_the_argmax_of_float32_logits_where_bf16_would_tie():
 # ---- 2. no host syncs in a step ----
 
 
-def training_forward_and_loss(model, batch):
-    """What train.forward_losses runs inside autocast: the model on a collated batch and Eq. (9)."""
-    out = model(batch["clip_images"], batch["tokens"], batch["image_index"], sam_images=batch["sam_images"],
-                prepared=True)
-    return total_loss(out, batch["masks"], batch["instance_ids"], batch["image_index"])["loss"]
-
-
-def test_training_forward_and_loss_have_no_graph_breaks():
-    """Nothing reads a value back from the device: the text cut and the checks happened in data.collate and
-    ICL counts its images on the device (before: 12 graphs, 11 breaks on int(), .max() and torch.unique)."""
+def test_loss_of_eq_9_has_no_graph_breaks():
+    """Eq. (9) reads nothing back from the device: ICL counts its images on the device (before: torch.unique
+    and .max() broke the graph). The model's forward is checked in the compiled training run below."""
     model = tiny_model().train()
     batch = tiny_batch()
-    batch["tokens"] = cut_tokens(batch["tokens"])  # as data.collate gives them
-    explained = torch._dynamo.explain(training_forward_and_loss)(model, batch)
+    with torch.no_grad():
+        out = model(batch["clip_images"], cut_tokens(batch["tokens"]), batch["image_index"],
+                    sam_images=batch["sam_images"], prepared=True)
+    explained = torch._dynamo.explain(lambda out: total_loss(out, batch["masks"], batch["instance_ids"],
+                                                             batch["image_index"])["loss"])(out)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
 
@@ -138,37 +136,26 @@ def test_plain_forward_still_cuts_and_checks_its_inputs():
         model(batch["clip_images"], batch["tokens"], batch["image_index"] + 5, sam_images=batch["sam_images"])
 
 
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("micro_synth"))
-    synth.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
-    return root
-
-
-def micro_args(root, out, *extra):
-    """2 steps per epoch, stage 1 (coarse mask only) in epoch 0, end to end from epoch 1 (as tests/test_train.py)."""
-    return ["--config", "demo", "--data-root", root, "--out", str(out), "--clip-size", "32", "--sam-size", "32",
-            "--images-per-batch", "4", "--sentences-per-image", "2", "--epochs", "10", "--stage1-epochs", "1",
-            "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1", *extra]
-
-
-def test_compiled_training_compiles_a_bounded_number_of_graphs(micro_root, tmp_path, monkeypatch):
-    """20 steps (2 of stage 1, 18 of stage 2) under torch.compile with an eager backend that counts what
-    dynamo hands it: one graph per stage and text-length family (lengths are multiples of 8; the second
-    distinct length makes dynamo mark it dynamic), nothing per step."""
-    graphs = []
+def test_compiled_training_compiles_one_graph_per_stage(micro_root, tmp_path, monkeypatch):
+    """8 steps (2 of stage 1, 6 of stage 2) of train.main under torch.compile with an eager backend that
+    counts what dynamo hands it: one graph per stage, whatever the text length (marked dynamic; lengths are
+    multiples of 8) or the step. A graph break or a read-back of a device value (the text cut, the checks of
+    image_index: 11 before) would split a stage's forward into several graphs."""
+    graphs, lengths = [], []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    real_compile = torch.compile
+    real_compile, real_forward_losses = torch.compile, train.forward_losses
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
+    monkeypatch.setattr(train, "forward_losses", lambda model, batch, *a, **k: lengths.append(
+        batch["tokens"].shape[1]) or real_forward_losses(model, batch, *a, **k))
     torch._dynamo.reset()
-    result = train.main(micro_args(micro_root, tmp_path / "run", "--compile", "--max-steps", "20"))
+    result = train.main(micro_args(micro_root, tmp_path / "run", "--compile", "--max-steps", "8"))
     torch._dynamo.reset()
-    assert result["step"] == 20
-    assert 2 <= len(graphs) <= 4, f"{len(graphs)} graphs compiled in 20 steps"
+    assert result["step"] == 8 and len(lengths) == 8 and len(set(lengths)) >= 2
+    assert len(graphs) == 2, f"{len(graphs)} graphs compiled in 8 steps"
 
 
 def test_point_prompt_forward_is_the_exact_table_row_and_backward_the_straight_through_gradient():
@@ -285,6 +272,34 @@ def test_bench_synchronises_the_gpu_it_runs_on(monkeypatch):
     bench._sync("cuda:3")
     bench._sync("cpu")
     assert synced == [torch.device("cuda", 3)]
+
+
+@pytest.mark.parametrize("config,stage,encoded_before,encoded_in_steps",
+                         [("paper", 2, 2, 0), ("paper", 1, 0, 0), ("demo", 2, 0, 4)])
+def test_bench_train_step_runs_both_presets(monkeypatch, capsys, config, stage, encoded_before, encoded_in_steps):
+    """bench.py --train-step at micro sizes (the paper preset's towers shrunk to the tiny config), 2 steps of 2
+    images: stage 2 of the paper preset reads F_IS back as --cache-sam does (SAM's encoder runs once per image
+    before the steps, never in them), stage 1 has no SAM, the demo trains SAM's encoder in every step. The
+    projection and the JSON line follow from the measured step."""
+    real_parse = train.parse_args
+    monkeypatch.setattr(train, "parse_args", lambda argv: real_parse([*argv, "--clip-size", "32", "--sam-size", "32"]))
+    monkeypatch.setattr(PromptRISConfig, "paper", classmethod(lambda cls: PromptRISConfig.tiny()))
+    encodes = []
+    real_encode = PromptRIS.encode_sam_image
+    monkeypatch.setattr(PromptRIS, "encode_sam_image",
+                        lambda self, images: encodes.append(len(images)) or real_encode(self, images))
+    steps = []
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(len(encodes)) or real_step(*a, **k))
+    assert bench.main(["--train-step", "--config", config, "--stage", str(stage), "--images", "2", "--micro-batch",
+                       "1", "--steps", "1", "--train-images", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(steps) == 2
+    assert (sum(encodes[:steps[0]]), sum(encodes[steps[0]:])) == (encoded_before, encoded_in_steps)
+    assert {"step_s", "peak_mib", "flops_per_step", "epoch_s", "run_s"} <= result.keys()
+    assert result["flops_per_step"] > 0 and result["peak_mib"] > 0 and result["micro_batch"] == 1
+    assert result["epoch_s"] == pytest.approx(result["step_s"] * 10 / 2)
+    assert result["run_s"] == pytest.approx(result["epoch_s"] * result["epochs"])
 
 
 # ---- 5. validation on every rank ----

@@ -120,20 +120,15 @@ def test_a_transfer_cut_mid_file_resumes_with_a_range_request(server, tmp_path):
     assert files_under(tmp_path) == ["w.bin"]  # no .part left
 
 
-def test_a_part_file_from_an_earlier_run_is_continued(server, tmp_path):
+@pytest.mark.parametrize("server_ignores_range", [False, True])
+def test_a_part_file_from_an_earlier_run_is_continued_or_replaced(server, tmp_path, server_ignores_range):
+    """A .part file asks for the rest (Range); a server that ignores Range sends the whole file, which then
+    replaces the part (here not even the right bytes)."""
     body = payload(50_000, seed=1)
     server.files["/w.bin"] = body
-    (tmp_path / "w.bin.part").write_bytes(body[:20_000])
-    download(server.url("/w.bin"), tmp_path / "w.bin")
-    assert (tmp_path / "w.bin").read_bytes() == body
-    assert server.requests == [("/w.bin", "bytes=20000-")]
-
-
-def test_a_server_ignoring_range_sends_the_whole_file_again(server, tmp_path):
-    body = payload(50_000, seed=2)
-    server.files["/w.bin"] = body
-    server.ignore_range.add("/w.bin")
-    (tmp_path / "w.bin.part").write_bytes(b"x" * 20_000)  # not even the right bytes: must be replaced
+    if server_ignores_range:
+        server.ignore_range.add("/w.bin")
+    (tmp_path / "w.bin.part").write_bytes(b"x" * 20_000 if server_ignores_range else body[:20_000])
     download(server.url("/w.bin"), tmp_path / "w.bin")
     assert (tmp_path / "w.bin").read_bytes() == body
     assert server.requests == [("/w.bin", "bytes=20000-")]

@@ -7,10 +7,8 @@ import shlex
 from dataclasses import asdict
 
 import pytest
-import torch
 
 import eval as ris_eval
-import synth
 import train
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -89,22 +87,6 @@ def test_readme_paper_numbers_of_tables_1_and_2_are_evals():
     assert numbers["Table 1, Ours"] == [*ris_eval.PAPER_TABLE1["oIoU"].values(), *ris_eval.PAPER_TABLE1["mIoU"].values()]
     for subset in ("seen", "unseen"):
         assert numbers[f"Table 2, Ours, {subset}"] == list(ris_eval.PAPER_TABLE2[subset].values())
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_globals():
-    """train.main sets process-wide knobs (--threads, flush-denormal); other test files get them back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
-
-
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("micro_synth"))
-    synth.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
-    return root
 
 
 def on_builtin_data(argv, root, out):

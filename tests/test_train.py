@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import synth
 import prompt_ris
 import train
 from helpers import pin_point_prompt
@@ -33,22 +32,6 @@ from sam import ImageEncoderViT
 from test_data import WritesMarker, tiny_records, write_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_globals():
-    """train.main sets process-wide knobs (--threads, flush-denormal); other test files get them back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
-
-
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("micro_synth"))
-    synth.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
-    return root
 
 
 def micro_args(root, out, *extra):
@@ -138,32 +121,43 @@ def test_curves_png_is_drawn_at_every_validation_and_at_the_end(micro_root, tmp_
 LAYOUT_STEPS = 3
 
 
+def conditioned_run(args: list) -> dict:
+    """train.main(args) on condition_model's model, so that runs in two layouts differ only in float rounding."""
+    real_build = train.build_model
+
+    def build_model(tc):
+        model, train_towers = real_build(tc)
+        condition_model(model)
+        return model, train_towers
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "build_model", build_model)
+        return train.main(args)
+
+
 @pytest.fixture(scope="module")
 def whole_batch_log(micro_root, tmp_path_factory):
     """log.jsonl of one process running each global batch at once: the reference of the layout tests."""
     out = tmp_path_factory.mktemp("whole_batch")
-    train.main(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS)))
+    conditioned_run(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS)))
     return read_log(out)
 
 
 def assert_same_losses(got, expected):
     """Loss terms of the same steps: 1e-4 relative at step 1 (the same weights, only summation order
-    differs), 1e-3 after (the updates' rounding differences grow). ICL's w_i (Eq. 8) is the IoU of the mask
-    thresholded at 0: once the weights differ in their last bits a logit of the random model can round across
-    0, and at this run's 32 x 32 masks one pixel moves w_i by ~1/200, so the ICL terms get 1e-2 after step 1."""
+    differs), 1e-3 after (the updates' rounding differences grow)."""
     got, expected = ([r for r in log if "loss" in r] for log in (got, expected))
     assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, LAYOUT_STEPS + 1))
     terms = [k for k in expected[-1] if k.startswith(("clip_seg", "icl", "sam_seg", "loss"))]
     assert "sam_seg" in terms and "icl_sam" in terms
     for a, b in zip(got, expected):
         for k in (k for k in terms if k in b):
-            rel = 1e-4 if a["step"] == 1 else 1e-2 if k.startswith("icl") else 1e-3
-            assert a[k] == pytest.approx(b[k], rel=rel), (a["step"], k)
+            assert a[k] == pytest.approx(b[k], rel=1e-4 if a["step"] == 1 else 1e-3), (a["step"], k)
 
 
 def test_micro_batches_train_the_same_model(micro_root, tmp_path, whole_batch_log):
     out = tmp_path / "micro"
-    train.main(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "2"))
+    conditioned_run(micro_args(micro_root, out, "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "2"))
     assert_same_losses(read_log(out), whole_batch_log)
     assert all(0 <= r["data_wait"] <= 1 for r in whole_batch_log if "loss" in r)
 
@@ -173,20 +167,22 @@ def test_micro_batch_gradient_equals_the_whole_batch_gradient(micro_root):
     share (sentences for the seg terms, images for ICL): the same gradient. Training mode, keyed draws."""
     model, tc = micro_model(micro_root, "--no-train-towers")
     train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
-    items = [train_set[i] for i in range(4)]
+    first = train_set[0]  # one sentence: the chunks' shares of images (3/4) and sentences (5/7) then differ
+    items = [{**first, **{k: first[k][:1] for k in ("tokens", "sentences", "masks", "ann_ids", "ref_ids",
+                                                       "category_ids")}}] + [train_set[i] for i in range(1, 4)]
     procs = train.Processes(0, 0, 1, torch.device("cpu"))
     condition_model(model)  # both sides free of float ties (issue 9): the chunks only reorder the rounding
     grads, values = [], []
     for size in (0, 3):
         model.zero_grad(set_to_none=True)
-        chunks = [one_instance_per_image(c) for c in train.collate_micro_batches(items, size, seed=0, epoch=0)]
+        chunks = train.collate_micro_batches(items, size, seed=0, epoch=0)
         terms = train.accumulate_gradients(model, model, chunks, 2, tc, procs, None, None, False)
         values.append({k: float(v) for k, v in terms.items()})
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert values[0].keys() == values[1].keys() == {"clip_seg", "icl_clip", "sam_seg", "icl_sam", "loss"}
     # whole vectors are compared: a few gradients (e.g. of key biases) are exactly 0 up to rounding noise
     for k in values[0]:
-        assert values[1][k] == pytest.approx(values[0][k], rel=1e-3, abs=1e-5), k  # ICL ~1e-6 here: O_ij ~ 1
+        assert values[1][k] == pytest.approx(values[0][k], rel=1e-4), k
     assert grads[0].shape == grads[1].shape
     assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
 
@@ -519,26 +515,6 @@ def test_num_workers_auto_is_none_on_cpu_several_on_cuda(monkeypatch):
     assert train.loader_workers(train.parse_args(["--num-workers", "3"]), torch.device("cuda")) == 3
 
 
-def test_nan_loss_stops_naming_step_and_term(micro_root, tmp_path, monkeypatch):
-    calls = []
-
-    def loss_with_nan_at_third_step(*args, **kwargs):
-        terms = real_total_loss(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            terms["clip_seg"] = terms["clip_seg"] * float("nan")
-            terms["loss"] = sum(v for k, v in terms.items() if k != "loss")
-        return terms
-
-    real_total_loss = train.total_loss
-    monkeypatch.setattr(train, "total_loss", loss_with_nan_at_third_step)
-    out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"step 3: loss term 'clip_seg' is nan.*\(step 2\)"):
-        train.main(micro_args(micro_root, out, "--save-every", "1"))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
-
-
 class InfiniteGradient(torch.autograd.Function):
     """Identity forward, infinite backward: a finite loss whose gradient overflows."""
 
@@ -551,20 +527,34 @@ class InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-def test_non_finite_gradient_norm_stops_before_the_update(micro_root, tmp_path, monkeypatch):
+def nan_term(terms):
+    terms["clip_seg"] = terms["clip_seg"] * float("nan")
+    terms["loss"] = sum(v for k, v in terms.items() if k != "loss")
+
+
+def infinite_gradient(terms):  # train.accumulate_gradients sums the terms again: break one of them
+    terms["clip_seg"] = InfiniteGradient.apply(terms["clip_seg"])
+
+
+@pytest.mark.parametrize("break_terms,message", [(nan_term, r"loss term 'clip_seg' is nan"),
+                                                 (infinite_gradient, r"gradient norm is (inf|nan)")])
+def test_a_non_finite_loss_or_gradient_stops_before_the_update(micro_root, tmp_path, monkeypatch, break_terms,
+                                                               message):
+    """At step 3 the loss or its gradient is not finite: the run stops naming the step and what, and the last
+    checkpoint (step 2) stays finite."""
     calls = []
 
-    def loss_with_infinite_gradient_at_third_step(*args, **kwargs):
+    def broken_at_third_step(*args, **kwargs):
         terms = real_total_loss(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 3:  # train.accumulate_gradients sums the terms again: break one of them
-            terms["clip_seg"] = InfiniteGradient.apply(terms["clip_seg"])
+        if len(calls) == 3:
+            break_terms(terms)
         return terms
 
     real_total_loss = train.total_loss
-    monkeypatch.setattr(train, "total_loss", loss_with_infinite_gradient_at_third_step)
+    monkeypatch.setattr(train, "total_loss", broken_at_third_step)
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"step 3: gradient norm is (inf|nan).*\(step 2\)"):
+    with pytest.raises(FloatingPointError, match=rf"step 3: {message}.*\(step 2\)"):
         train.main(micro_args(micro_root, out, "--save-every", "1"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
@@ -683,27 +673,40 @@ def test_seen_only_trains_on_refs_of_seen_categories(tmp_path):
         assert [r["category_id"] for p in train_set.pairs for r, _ in p[::2]] == categories
 
 
+def sentence_pattern(tokens: torch.Tensor, cells: int) -> torch.Tensor:
+    """A fixed pattern per sentence, from its token ids alone: tokens (N, L) -> (N, cells), values in +-[1, 3].
+    Integer arithmetic, then float64, so a sentence gets the same pattern in every batch layout; zero padding
+    does not change it."""
+    code = (tokens * torch.arange(1, tokens.shape[1] + 1)).sum(1) % 9973  # (N,)
+    wave = torch.sin(code.double()[:, None] * torch.arange(1, cells + 1, dtype=torch.float64) * 0.618034)
+    return (wave.sign() * (1 + 2 * wave.abs())).float()
+
+
 def condition_model(model):
-    """well_conditioned's model half: the point of Eq. (3) pinned, SAM's mask logits moved off ICL's threshold."""
+    """A random model made safe for comparing runs that differ only in float rounding (issue 9).
+
+    A random model's masks hardly depend on the sentence and sit near 0. ICL's w_i (Eq. 8) thresholds them
+    at 0, and for two sentences of different instances O_ij = 1 - 1e-6 lies at Eq. (8)'s clamp 1 - eps, where
+    one ulp of O_ij switches a gradient of size 1 / eps. Forward hooks add a fixed pattern to every sentence's
+    coarse logits S'_C (all cells but the first) and final mask logits, pixel by pixel (sentence_pattern of its
+    tokens: a constant, so the gradient is unchanged). Masks are then well away from the threshold and O_ij
+    well below 1. The point of Eq. (3) is pinned at cell 0 (helpers.pin_point_prompt)."""
+    tokens = {}
+
+    def keep_tokens(module, args, kwargs):
+        tokens["now"] = (args[1] if len(args) > 1 else kwargs["tokens"]).cpu()
+
+    def add_pattern(logits, skip_first=False):  # logits (N, ...) + each sentence's pattern over its cells
+        pattern = sentence_pattern(tokens["now"], logits[0].numel()).view_as(logits).to(logits.device)
+        if skip_first:
+            pattern[:, 0] = 0
+        return logits + pattern
+
+    model.register_forward_pre_hook(keep_tokens, with_kwargs=True)
+    model.decoder.register_forward_hook(lambda module, args, coarse: add_pattern(coarse, skip_first=True))
     pin_point_prompt(model)
-    model.sam.mask_decoder.register_forward_hook(lambda module, args, out: (out[0] + 1.0, out[1]))
-
-
-def one_instance_per_image(batch):
-    """well_conditioned's batch half: every sentence of an image refers to one instance."""
-    return {**batch, "instance_ids": batch["image_ids"][batch["image_index"]]}
-
-
-def well_conditioned(model, batch):
-    """The micro model and batch made safe for comparing two runs that differ only in float rounding.
-
-    The point of Eq. (3) is pinned (see helpers.pin_point_prompt). A random SAM's mask logits are all near 0,
-    the threshold of ICL's weights w_i (Eq. 8): they get +1 (a constant, so the gradient is unchanged). And
-    every sentence of an image is made to refer to one instance: the masks hardly depend on the sentence
-    (O_ij = 1 - 1e-6), so for two instances Eq. (8)'s -log(1 - O_ij) would sit at its clamp 1 - eps, where
-    one ulp of O_ij switches a gradient of size 1 / eps on or off."""
-    condition_model(model)
-    return one_instance_per_image(batch)
+    model.register_forward_hook(lambda module, args, out: {**out, "mask": add_pattern(out["mask"])}
+                                if "mask" in out else out)
 
 
 def test_grad_checkpoint_gives_the_same_gradients(micro_root, monkeypatch):
@@ -715,7 +718,8 @@ def test_grad_checkpoint_gives_the_same_gradients(micro_root, monkeypatch):
         model, tc = micro_model(micro_root, *extra)
         model.cmp.grad_checkpoint = bool(extra)
         model.eval()  # deterministic: no Gumbel noise, no prompt dropout
-        batch = well_conditioned(model, micro_batch(micro_root, tc, range(4)))  # recomputation may round differently
+        condition_model(model)
+        batch = micro_batch(micro_root, tc, range(4))  # recomputation may round differently
         train.forward_losses(model, batch, "cpu", use_sam=True)["loss"].backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert len(calls) == 4  # tiny CLIP: 2 vision + 2 text blocks recomputed, only with the flag
@@ -823,11 +827,12 @@ def _ddp_worker(rank, world, port, grad_port, root, out):
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # the real path: torchrun's environment, gloo, each rank's share in micro-batches, rank-0 files
-    train.main(micro_args(root, os.path.join(out, "run"), "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "1"))
+    conditioned_run(micro_args(root, os.path.join(out, "run"), "--max-steps", str(LAYOUT_STEPS), "--micro-batch", "1"))
     # gradients of one global batch of 4 images, 2 per rank
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{grad_port}", rank=rank, world_size=world)
     model, tc = micro_model(root)
-    batch = well_conditioned(model, micro_batch(root, tc, [rank, rank + 2]))
+    condition_model(model)
+    batch = micro_batch(root, tc, [rank, rank + 2])
     outputs = []
     model.register_forward_hook(lambda module, inputs, out: outputs.append(out))
     ddp = DDP(model, find_unused_parameters=True)
@@ -851,7 +856,8 @@ def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_pat
     assert_same_losses(read_log(run), whole_batch_log)  # rank 0 logs alone, the same run as one process
 
     # gradients of the same global batch in one process, both runs free of float ties (issue 9)
-    batch = well_conditioned(model, micro_batch(micro_root, tc, [0, 2, 1, 3]))
+    condition_model(model)
+    batch = micro_batch(micro_root, tc, [0, 2, 1, 3])
     outputs = []
     model.register_forward_hook(lambda module, inputs, out: outputs.append(out))
     saved = [torch.load(tmp_path / f"grads{rank}.pt", weights_only=True) for rank in (0, 1)]
