@@ -395,14 +395,19 @@ def test_training_draws_noise_and_dropout_and_inference_none(monkeypatch):
     real_keep = model.prompt_keep
     monkeypatch.setattr(model, "prompt_keep", lambda *a: seen.append(a[3]) or real_keep(*a))
     with torch.no_grad():
-        model.eval()(**model_inputs(batch))
+        argmax = model.eval()(**model_inputs(batch))["point"]
         given = torch.arange(len(batch["tokens"])) * 3
         a = model.train()(**model_inputs(batch), sample_keys=given)
         b = model(**model_inputs(batch), sample_keys=given)
         torch.manual_seed(0)
         model(**model_inputs(batch))
+        other = model(**model_inputs(batch), sample_keys=given + 1)
     assert seen[0] is None and seen[1] is given and seen[3] is not None and seen[3].shape == given.shape
     torch.testing.assert_close(a["mask"], b["mask"])  # the same keys: the same draws
+    assert torch.equal(a["point"], b["point"])
+    # Eq. (3)'s Gumbel noise, drawn from the keys: the point leaves the argmax (a random model's S_C is nearly
+    # flat, so the noise decides) and other keys pick other cells
+    assert not torch.equal(a["point"], argmax) and not torch.equal(a["point"], other["point"])
 
 
 def test_masked_sparse_tokens_equal_removed_tokens():
