@@ -428,7 +428,6 @@ def bench_loading(workers: list[int], batches: int, images: int = 16) -> dict:
     `batches` batches with the workers' start-up (the first batch's time, reported apart) included."""
     import synth
     from clip_vit import Tokenizer
-    import data
     result = {}
     with tempfile.TemporaryDirectory() as root:
         synth.make_synth(root, seed=0, n_train=images * batches, n_val=1, n_testA=1, n_testB=1)
