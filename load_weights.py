@@ -45,8 +45,9 @@ def read_safetensors(path) -> dict:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def check_and_load(module: torch.nn.Module, state: dict, path, ignore=()) -> None:
-    """Strict load: every missing, unexpected or mis-shaped tensor is listed in one error."""
+def check_and_load(module: torch.nn.Module, state: dict, path, ignore=(), assign=False) -> None:
+    """Strict load: every missing, unexpected or mis-shaped tensor is listed in one error. assign: the module's
+    tensors become the given ones (a module built on the meta device), else the values are copied in."""
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not any(k.endswith(s) for s in ignore)}
     missing = sorted(own.keys() - state.keys())
@@ -57,7 +58,7 @@ def check_and_load(module: torch.nn.Module, state: dict, path, ignore=()) -> Non
                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
     if problems:
         raise WeightsError(f"{path}: cannot load into {type(module).__name__}; " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 # ---- CLIP ----
@@ -182,9 +183,9 @@ def load_clip(path, device="cpu") -> CLIP:
                            "Hugging Face's 'vision_model.embeddings.patch_embedding.weight' is in it)")
     if naming == "hf":
         state = clip_state_from_hf(state)
-    with torch.device(device):
+    with torch.device("meta"):  # shapes only: no random init (~2 s for ViT-B/16), the load sets every tensor
         model = CLIP(infer_clip_config(state, path))
-    check_and_load(model, state, path)
+    check_and_load(model, {k: v.to(device, torch.float32).contiguous() for k, v in state.items()}, path, assign=True)
     return model
 
 

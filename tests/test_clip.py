@@ -1,5 +1,5 @@
-"""CLIP ViT-B/16: parity with Hugging Face transformers (full size from an OpenAI-naming file; both namings,
-at 224 and 480, on ViT-B/16's layout at a narrow width), plus the per-layer API, the positional-embedding
+"""CLIP ViT-B/16: parity with Hugging Face transformers (ViT-B/16's widths from an OpenAI-naming file; both
+namings, at 224 and 480, on ViT-B/16's 12-block layout at a narrow width), plus the per-layer API, the positional-embedding
 resize cache and the prompt-aware text mask."""
 import dataclasses
 import importlib.util
@@ -13,7 +13,6 @@ import clip_vit
 from clip_vit import CLIP, CLIPConfig, ResidualAttentionBlock, Tokenizer, text_attention_mask
 from load_weights import WeightsError, clip_naming, infer_clip_config, load_clip
 
-pytestmark = pytest.mark.xdist_group("test_clip")  # pytest -n: one worker builds the module's oracles
 
 SENTENCES = ["the man in a red shirt on the left", "zebra second from right",
              "a small brown dog lying next to the white couch, facing the camera", "cat"]
@@ -49,7 +48,7 @@ def openai_state_from_hf(hf: dict) -> dict:
         "input_resolution": torch.tensor(224), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408),
     }
     for hf_tower, tower in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        for i in range(12):
+        for i in range(sum(k.startswith(f"{hf_tower}.encoder.layers.") and k.endswith(".layer_norm1.weight") for k in hf)):
             h, o = f"{hf_tower}.encoder.layers.{i}.", f"{tower}.resblocks.{i}."
             for kind in ("weight", "bias"):
                 state[o + f"attn.in_proj_{kind}"] = torch.cat([hf[h + f"self_attn.{c}_proj.{kind}"] for c in "qkv"])
@@ -61,20 +60,24 @@ def openai_state_from_hf(hf: dict) -> dict:
     return state
 
 
-def hf_clip(tmp_path_factory, name: str, vision_width: int, text_width: int):
-    """A random transformers CLIPModel with ViT-B/16's layout (12 blocks per tower, 16 px patches, a 224
-    input, 77 tokens, OpenAI's vocabulary) at the given widths (heads of 64 channels, as load_clip infers),
-    and both namings of it on disk."""
+def vit_b16_config(vision_width: int, text_width: int, layers: int = 12):
+    """transformers' CLIPConfig of ViT-B/16's layout (16 px patches, a 224 input, 77 tokens, OpenAI's vocabulary)
+    at the given widths (heads of 64 channels, as load_clip infers) and blocks per tower."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=12,
+    return transformers.CLIPConfig(
+        text_config=dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=layers,
                          num_attention_heads=text_width // 64, max_position_embeddings=77, vocab_size=49408,
                          hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=12,
+        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=layers,
                            num_attention_heads=vision_width // 64, image_size=224, patch_size=16,
                            hidden_act="quick_gelu"),
         projection_dim=512)
+
+
+def hf_clip(tmp_path_factory, name: str, config, namings=("hf", "openai")):
+    """A random transformers CLIPModel of `config` and the given namings of it on disk."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
     hf = transformers.CLIPModel(config).eval()
     with torch.no_grad():  # LayerNorm / bias init is 1 and 0: perturb so that a swapped tensor shows
         for p in hf.parameters():
@@ -86,22 +89,25 @@ def hf_clip(tmp_path_factory, name: str, vision_width: int, text_width: int):
     hf_state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     for tower, length in (("text_model", 77), ("vision_model", 197)):  # buffers older versions saved
         hf_state[f"{tower}.embeddings.position_ids"] = torch.arange(length)[None]
-    save_file(hf_state, folder / "hf.safetensors")
-    save_file({k: v.contiguous() for k, v in openai_state_from_hf(hf_state).items()}, folder / "openai.safetensors")
+    if "hf" in namings:
+        save_file(hf_state, folder / "hf.safetensors")
+    if "openai" in namings:
+        save_file({k: v.contiguous() for k, v in openai_state_from_hf(hf_state).items()}, folder / "openai.safetensors")
     return hf, folder
 
 
 @pytest.fixture(scope="module")
-def full_size(tmp_path_factory):
-    """ViT-B/16 itself: vision width 768, text width 512."""
-    return hf_clip(tmp_path_factory, "clip", 768, 512)
+def full_width(tmp_path_factory):
+    """ViT-B/16's widths (768 and 512 channels, 12 and 8 heads, MLPs of 3072 and 2048) with 2 blocks per tower:
+    every tensor shape of ViT-B/16; its 12-block depth runs in `narrow`."""
+    return hf_clip(tmp_path_factory, "clip", vit_b16_config(768, 512, layers=2), namings=("openai",))
 
 
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory):
     """ViT-B/16's layout at width 128 in both towers: the name maps and the position grid's resize depend on
     the layout and the grid only, never on a width."""
-    return hf_clip(tmp_path_factory, "narrow_clip", 128, 128)
+    return hf_clip(tmp_path_factory, "narrow_clip", vit_b16_config(128, 128))
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +121,9 @@ def inputs():
     return torch.randn(2, 3, 224, 224), torch.randn(1, 3, 480, 480), tokens
 
 
-def test_full_size_openai_file_matches_transformers(full_size, inputs):
-    """ViT-B/16 from a file in OpenAI's naming (as the official weights come): images at 224 and the text."""
-    hf, folder = full_size
+def test_full_width_openai_file_matches_transformers(full_width, inputs):
+    """ViT-B/16's widths from a file in OpenAI's naming (as the official weights come): images at 224 and the text."""
+    hf, folder = full_width
     pixels, _, tokens = inputs
     model = load_clip(folder / "openai.safetensors")
     with torch.no_grad():
@@ -141,10 +147,12 @@ def test_either_naming_matches_transformers_at_224_and_480_with_the_logit_scale(
         assert relative_error(model.encode_image(large), features(at_480)) < 1e-4
 
 
-def test_both_namings_infer_vit_b16_config(full_size):
-    _, folder = full_size
-    for naming in ("hf", "openai"):
-        state = load_file(folder / f"{naming}.safetensors")
+def test_both_namings_infer_vit_b16_config():
+    """From the tensor shapes of ViT-B/16 itself, in either naming (built on the meta device: shapes, no values)."""
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        hf_state = transformers.CLIPModel(vit_b16_config(768, 512)).state_dict()
+    for naming, state in (("hf", hf_state), ("openai", openai_state_from_hf(hf_state))):
         assert clip_naming(state) == naming
         assert infer_clip_config(state) == CLIPConfig()
 

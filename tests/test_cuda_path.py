@@ -335,7 +335,7 @@ def _validation_worker(rank, world, port, root, out):
 def test_two_process_validation_gives_exactly_the_one_process_metrics(tmp_path):
     root = str(tmp_path / "data")
     synth.make_synth(root, seed=0, n_train=4, n_val=5, n_testA=1, n_testB=1)
-    mp.spawn(_validation_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_validation_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, start_method="fork")
     single = validation_metrics(root, train.Processes(0, 0, 1, torch.device("cpu")))
     assert single[1]["n"] > 5 and single[2]["output"] == "mask"
     results = [torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) for rank in (0, 1)]

@@ -10,7 +10,6 @@ from load_weights import WeightsError, infer_sam_config, load_sam, main, read_sa
 from oracles import build_hf_sam, build_official_sam, randomize_
 from sam import SAM, SAMConfig
 
-pytestmark = pytest.mark.xdist_group("test_load_weights")  # pytest -n: one worker builds the module's oracles
 
 TINY = SAMConfig.tiny()
 

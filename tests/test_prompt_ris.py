@@ -53,19 +53,25 @@ def model_inputs(batch):
 
 
 def test_paper_config_output_shapes():
-    """CLIP 480 (30x30 grid), SAM 1024, n = 16, one image with one sentence (each sentence runs CLIP's
-    towers once: more would only repeat; batches of several are tested at the tiny size). Random F_IS of
-    the right shape stands in for the SAM image encoder (about 15 s on 2 CPU cores for one 1024 image)."""
-    torch.manual_seed(0)
-    model = PromptRIS(PromptRISConfig.paper()).eval()
-    assert model.point_pe_table.shape == (256 * 256, 256)
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 480, 480), make_tokens([14]), torch.zeros(1, dtype=torch.long),
-                    sam_embeddings=torch.randn(1, 256, 64, 64))
-    assert out["coarse"].shape == (1, 30, 30)
-    assert out["mask"].shape == (1, 1024, 1024)
-    assert out["point"].shape == (1,) and int(out["point"].max()) < 256 * 256
-    assert torch.isfinite(out["mask"]).all()
+    """The paper's sizes end to end, SAM's 1024 px image encoder included, in training (forward and backward)
+    and at inference: CLIP 480 (30 x 30 grid), n = 16, 2 images with 3 sentences, CLIP and SAM frozen (§4.2).
+    On the meta device, which computes shapes only (a real forward takes ~15 s on 2 CPU cores); prepared, as
+    data.collate's batches are, since a meta tensor has no values to check. Values: at the tiny size."""
+    with torch.device("meta"):
+        model = PromptRIS(PromptRISConfig.paper())
+        model.freeze_backbones(clip=True, sam=True)
+        assert model.point_pe_table.shape == (256 * 256, 256)
+        tokens = make_tokens([14, 9, 20])[:, :20].to("meta")  # cut to the longest, as collate does
+        inputs = dict(clip_images=torch.randn(2, 3, 480, 480), tokens=tokens, image_index=torch.tensor([0, 1, 1]),
+                      sam_images=torch.randn(2, 3, 1024, 1024), prepared=True)
+        for training in (True, False):
+            out = model.train(training)(**inputs)
+            assert out["coarse"].shape == (3, 30, 30) and out["mask"].shape == (3, 1024, 1024)
+            assert out["point"].shape == (3,) and out["point"].dtype == torch.long
+            if training:
+                out["mask"].sum().backward()  # the coarse decoder's share through Eq. (3)'s point
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.shape == p.shape for p in trained)
 
 
 def test_tiny_config_output_shapes_in_train_and_eval_mode():

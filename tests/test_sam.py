@@ -1,11 +1,12 @@
 """sam.py against the official implementations: segment_anything's modeling code and transformers' SamModel.
 
-Parity with segment_anything runs ViT-B (every block at width 768) on a 256 x 256 input, once per encoder
+Parity with segment_anything runs ViT-B's widths (768 channels, 12 heads, MLPs of 3072, its neck, prompt
+encoder and decoder) with 3 encoder blocks, 2 windowed and 1 global, on a 256 x 256 input, once per encoder
 (module-scoped fixture): the code path is that of 1024 (windows padded, here from 16 to 28, decomposed
-relative positions over the whole grid in the global blocks), at a sixteenth of the tokens; the shapes of
-a 1024 file are tested in test_load_weights. Parity with transformers runs a narrow ViT-B: ViT-B's layout (12 blocks, global attention in
-2, 5, 8, 11, padded 14 x 14 windows, the same decoder) at width 32; the Hugging Face name map depends on
-the layout only, never on a width. Everything else uses the tiny config. "Relative error" is
+relative positions over the whole grid in the global block), at a sixteenth of the tokens; the shapes of
+a 1024 file are tested in test_load_weights. Parity with transformers runs a narrow ViT-B: ViT-B's layout
+(12 blocks, global attention in 2, 5, 8, 11, padded 14 x 14 windows, the same decoder) at width 32; the
+Hugging Face name map depends on the layout only, never on a width. Everything else uses the tiny config. "Relative error" is
 max |ours - reference| / max |reference|.
 """
 import copy
@@ -21,7 +22,6 @@ from oracles import build_hf_sam, build_official_sam, randomize_, resize_longest
     segment_anything_modeling
 from sam import SAM, Attention, SAMConfig, resize_longest_side_shape, window_partition, window_unpartition
 
-pytestmark = pytest.mark.xdist_group("test_sam")  # pytest -n: one worker builds the module's oracles
 
 TOL = 1e-4
 
@@ -51,8 +51,9 @@ def prompts(cfg: SAMConfig, batch: int, seed: int = 1):
 
 @pytest.fixture(scope="module")
 def vit_b(tmp_path_factory):
-    """Random official ViT-B at 256 px, our SAM loaded from its safetensors export, both encoders run once."""
-    cfg = SAMConfig(image_size=256)
+    """Random official SAM of ViT-B's widths (3 encoder blocks) at 256 px, ours loaded from its safetensors
+    export (global_attn_indexes inferred from the shapes), both encoders run once."""
+    cfg = SAMConfig(image_size=256, encoder_depth=3, global_attn_indexes=(2,))
     torch.manual_seed(0)
     official = randomize_(build_official_sam(cfg), seed=0)
     path = save_state(official.state_dict(), tmp_path_factory.mktemp("vit_b") / "sam_vit_b.safetensors")

@@ -457,6 +457,18 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_atomic_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    """The data is on disk before the new name points to it, and the rename itself is made durable after."""
+    path, calls = tmp_path / "ckpt.pt", []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b))
+    train.atomic_write(str(path), lambda f: f.write(b"new"))
+    tmp = f"{path}.tmp{os.getpid()}"
+    assert calls == [("fsync", tmp), ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_missing_weights_file_fails_before_any_work(tmp_path):
     out = tmp_path / "run"
     args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
@@ -847,7 +859,7 @@ def _ddp_worker(rank, world, port, grad_port, root, out):
 
 
 def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_path, whole_batch_log):
-    mp.spawn(_ddp_worker, args=(2, *_free_ports(2), micro_root, str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_ddp_worker, args=(2, *_free_ports(2), micro_root, str(tmp_path)), nprocs=2, start_method="fork")
     run = tmp_path / "run"
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == LAYOUT_STEPS and len(ckpt["rng"]) == 2  # both ranks' random states
