@@ -15,16 +15,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: each worker gets
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-# pytest -n (--dist loadgroup): a test module runs whole in one worker, so its module fixtures are built once;
-# the modules whose oracles import transformers (~5 s of CPU per process) share one worker.
-TRANSFORMERS_ORACLES = ("test_clip.py", "test_load_weights.py", "test_sam.py", "test_tokenizer.py")
+# pytest -n hands the test modules out in collection order (pytest.ini: --no-loadscope-reorder): the slowest
+# first, so that no worker starts a long module while the others are nearly done.
+SLOWEST_FIRST = ("test_cuda_path.py", "test_resume.py", "test_train.py", "test_prompt_ris.py", "test_reproduce.py",
+                 "test_eval.py", "test_clip.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("transformers" if name in TRANSFORMERS_ORACLES else name))
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +68,14 @@ def micro_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("micro_synth"))
     synth.make_synth(root, seed=0, n_train=8, n_val=2, n_testA=1, n_testB=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_step_run(micro_root, tmp_path_factory):
+    """A finished 1-step micro run, read by several tests; a test that changes it works on a copy (copy_run)."""
+    import train
+    from helpers import micro_args
+
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    return out

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import clip_vit
 from clip_vit import CLIP, CLIPConfig, ResidualAttentionBlock, Tokenizer, text_attention_mask

@@ -26,7 +26,7 @@ from clip_vit import cut_tokens
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import PositionEmbeddingRandom, SAMConfig
 from test_prompt_ris import make_tokens, tiny_batch, tiny_model
-from test_train import micro_args
+from helpers import micro_args
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
