@@ -23,10 +23,10 @@ import sam as sam_module
 import synth
 import train
 from clip_vit import cut_tokens
+from helpers import micro_args
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import PositionEmbeddingRandom, SAMConfig
 from test_prompt_ris import make_tokens, tiny_batch, tiny_model
-from helpers import micro_args
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
