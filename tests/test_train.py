@@ -1,4 +1,6 @@
-"""train.py: the loop learns, resumes bitwise, runs under DDP and fails loudly.
+"""train.py: the loop learns, trains the same model in every batch layout and under DDP, and its options
+(data hold-outs, the SAM cache, bf16, compile, memory flags) do what they say; resume, checkpoints and the
+stops are in test_resume.py.
 
 Every run uses a micro configuration on a micro built-in dataset (8 training images of 32 x 32
 pixels for both towers, batches of 4 images x 2 sentences, 2 steps per epoch), so the whole file
@@ -25,9 +27,6 @@ import train
 from helpers import assert_bitwise_equal, micro_args, pin_point_prompt, read_log, saved_state
 from sam import ImageEncoderViT
 from test_data import tiny_records, write_tree
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # ---- learning ----
 
