@@ -52,9 +52,10 @@ from tqdm import tqdm
 import data
 import synth
 from clip_vit import Tokenizer
-from eval import BEST_WEIGHTS, NumberRange, draw_curves, evaluate, read_best
+from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, combine_keys, total_loss
+from viz import draw_curves
 
 # ---------------------------------------------------------------------------------------------
 # Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
