@@ -1,4 +1,4 @@
-"""Evaluate a trained Prompt-RIS run with the metrics of the paper (§4.1, §4.4) and draw its masks.
+"""Evaluate a trained Prompt-RIS run with the metrics of the paper (§4.1, §4.4).
 
     python eval.py                                    # runs/demo on the built-in synth val split
     python eval.py --checkpoint runs/paper --data-root data/refer --dataset refcoco --split val
@@ -9,6 +9,11 @@
     python eval.py --checkpoint runs/paper --data-root data/refer --splits all   # Table 1, paper row beside
     python eval.py --image photo.jpg --text "the man on the left" --out pred.png   # Fig. 4-style panel
     python eval.py --image photo.jpg --text "the dog" --mask-out mask.png          # the mask, for other tools
+
+Order of this file: the metrics (RISMetrics: oIoU, mIoU and P@X of §4.1, ImgAcc and InstAcc of §4.4), the
+evaluation loop (run_model, evaluate), loading a run and segmenting one image (load_run, predict_image), the
+command line (Tables 1 and 2 in one command, main last). The pictures, Fig. 4-style panels (--save-vis,
+--image with --out), are drawn by viz.py.
 
 Every prediction is compared with the ground truth at the ORIGINAL image resolution: the logits in
 the padded (letterboxed) SAM frame are cropped to the valid region, resized bilinearly to the
@@ -22,7 +27,7 @@ the embedding reused instead of 13.3 s when recomputed for every expression (2.6
 per image). Each evaluation prints its own measured numbers.
 
 A photo given with --image is segmented as a viewer shows it (its EXIF orientation applied) and at
-its full resolution; only the panel is drawn smaller (longest side DISPLAY_SIDE), so a 12-megapixel
+its full resolution; only the panel is drawn smaller (longest side viz.DISPLAY_SIDE), so a 12-megapixel
 photo costs the model's time plus about a second.
 """
 import argparse
@@ -410,7 +415,7 @@ def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, te
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line: flag values, the data to evaluate, the printed table
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -587,6 +592,10 @@ def evaluate_table(args, model: PromptRIS, tokenizer: Tokenizer, run_config: dic
                                     for m, row in paper.items()}}))
     return 0
 
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the flags and main
+# ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a Prompt-RIS run (§4.1 metrics) or segment one image.")

@@ -1,4 +1,11 @@
-"""Pictures of a run: Fig. 4-style panels of a prediction and the training curves of train.py's log.jsonl."""
+"""Pictures of a run, drawn with numpy and PIL: machinery beside the method, importing no other file of this repo.
+
+- Fig. 4-style panels (render_panel): the image with the final mask overlaid (the ground truth outlined) beside
+  the coarse mask S'_C as a heat map with the point prompt, the sentence below; eval.py draws them for
+  --save-vis and for --image with --out.
+- Training curves (draw_curves): every loss term and the validation mIoU of train.py's log.jsonl against the
+  step; train.py redraws curves.png in its run directory at every validation and at the end.
+"""
 import json
 
 import numpy as np
