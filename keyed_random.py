@@ -1,9 +1,13 @@
+"""Keyed random draws for training: a counter-based hash of a per-sentence key (not in the paper).
+
+Training draws random numbers per sentence: the Gumbel noise of Eq. (3) and prompt dropout (§4.2). They come
+from a counter-based hash of the sentence's key (PromptRIS.forward's sample_keys; train.py builds them with
+combine_keys(seed, epoch, image id, sentence)), not from a generator's stream: a sentence gets the same noise
+whatever batch, micro-batch, process or device computes it, and a resumed run replays it from the key alone.
+The hash is splitmix64 in wrapping int64 arithmetic: the same integers on CPU, CUDA and under torch.compile.
+"""
 import torch
 
-# Training draws (Gumbel noise, prompt dropout) come from a counter-based hash of a per-sentence key, not from
-# a generator's stream: a sentence gets the same noise whatever batch, micro-batch, process or device it is
-# computed in, and a resumed run replays it from the key alone. splitmix64 in wrapping int64 arithmetic:
-# the same integers on CPU, CUDA and under torch.compile.
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's increment and multipliers, as signed int64
 _MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
 GUMBEL_STREAM, DROPOUT_STREAM = 1, 2  # one independent stream per kind of draw

@@ -209,6 +209,7 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,
     (straight-through estimator).
     """
     logits = logits.float()  # under bf16 autocast, ties at the maximum would bias the argmax
+    # keyed, not streamed: a sentence draws the same g in any batch, process or resumed run (keyed_random.py)
     if keys is not None:
         u = keyed_uniform(keys, logits.shape[-1], GUMBEL_STREAM)
         logits = logits - (-u.log()).log()  # g = -log(-log u) ~ Gumbel(0, 1)

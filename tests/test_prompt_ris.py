@@ -1,4 +1,5 @@
-"""Prompt-RIS model and losses (prompt_ris.py): shapes, gradients, ablation switches and equations."""
+"""Prompt-RIS model and losses (prompt_ris.py) and its keyed draws (keyed_random.py): shapes, gradients, ablation
+switches and equations."""
 import dataclasses
 import itertools
 import json
