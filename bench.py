@@ -38,8 +38,9 @@ import data
 import train
 
 from clip_vit import CLIPConfig, cut_tokens
+from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
-from prompt_ris import PromptRIS, PromptRISConfig, combine_keys, total_loss
+from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import SAM, SAMConfig
 
 SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}

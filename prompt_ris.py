@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_vit import CLIP, CLIPConfig, cut_tokens, text_attention_mask
+from keyed_random import DROPOUT_STREAM, GUMBEL_STREAM, keyed_uniform
 from sam import SAM, SAMConfig, full_precision
 
 CMP_MODES = ("both", "v2l", "l2v", "none")  # Table 4: CMP, V2LP, L2VP, baseline
@@ -199,48 +200,6 @@ class CoarseMaskDecoder(nn.Module):
 # ---- §3.1 CLIP-based prompting: point prompt (Gumbel-softmax) and text prompts ----
 
 
-# Training draws (Gumbel noise, prompt dropout) come from a counter-based hash of a per-sentence key, not from
-# a generator's stream: a sentence gets the same noise whatever batch, micro-batch, process or device it is
-# computed in, and a resumed run replays it from the key alone. splitmix64 in wrapping int64 arithmetic:
-# the same integers on CPU, CUDA and under torch.compile.
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's increment and multipliers, as signed int64
-_MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
-GUMBEL_STREAM, DROPOUT_STREAM = 1, 2  # one independent stream per kind of draw
-
-
-def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser: a bijection of int64 that spreads every input bit over the whole word."""
-    x = (x ^ _shift_right(x, 30)) * _MIX[0]
-    x = (x ^ _shift_right(x, 27)) * _MIX[1]
-    return x ^ _shift_right(x, 31)
-
-
-def combine_keys(*parts) -> torch.Tensor:
-    """int64 key of a tuple, e.g. (seed, epoch, image id, sentence): int64 tensors (broadcast) or ints."""
-    key = torch.zeros((), dtype=torch.int64)
-    for part in parts:
-        key = mix64(key + _GOLDEN + part)
-    return key
-
-
-def keyed_uniform(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
-    """keys (N,) int64 -> (N, n) float32 uniform in (0, 1): draw j of sentence i is a hash of (key_i, stream, j)."""
-    counter = torch.arange(n, device=keys.device)
-    offset = (stream * _GOLDEN + 2**63) % 2**64 - 2**63  # stream * golden, wrapped to int64 as the tensors wrap
-    return unit_interval(mix64(mix64(keys[:, None] + offset) + counter * _GOLDEN))  # (N, n)
-
-
-def unit_interval(bits: torch.Tensor) -> torch.Tensor:
-    """int64 random bits -> float32 in (0, 1), never 0 or 1 (Gumbel's -log(-log u) must stay finite): the top 23
-    bits x give (x + 1/2) / 2^23, exact in float32 (with 24 bits, x + 1/2 at x = 2^24 - 1 rounds up to 1)."""
-    return (_shift_right(bits, 41).float() + 0.5) * 2.0 ** -23
-
-
 def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,
                             keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """M = Gumbel-SoftMax(S_C) of Eq. (3): logits (N, K) -> one-hot (N, K).
@@ -250,6 +209,7 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,
     (straight-through estimator).
     """
     logits = logits.float()  # under bf16 autocast, ties at the maximum would bias the argmax
+    # keyed, not streamed: a sentence draws the same g in any batch, process or resumed run (keyed_random.py)
     if keys is not None:
         u = keyed_uniform(keys, logits.shape[-1], GUMBEL_STREAM)
         logits = logits - (-u.log()).log()  # g = -log(-log u) ~ Gumbel(0, 1)

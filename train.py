@@ -53,8 +53,9 @@ import data
 import synth
 from clip_vit import Tokenizer
 from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
+from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
-from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, combine_keys, total_loss
+from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 from viz import draw_curves
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Prompt-RIS model and losses (prompt_ris.py): shapes, gradients, ablation switches and equations."""
+"""Prompt-RIS model and losses (prompt_ris.py) and its keyed draws (keyed_random.py): shapes, gradients, ablation
+switches and equations."""
 import dataclasses
 import itertools
 import json
@@ -6,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import prompt_ris
 from torch.autograd import gradcheck
 
+import keyed_random
 from clip_vit import CLIPConfig
 from helpers import pin_point_prompt
 from prompt_ris import (CMP_MODES, PROMPT_TYPES, CrossModalPrompting, LossConfig, PromptGenerator, PromptRIS, PromptRISConfig,
@@ -231,21 +232,21 @@ def test_keyed_gumbel_noise_depends_on_the_key_only():
 
 
 def test_keyed_uniforms_are_never_0_or_1_so_gumbel_noise_stays_finite():
-    extremes = prompt_ris.unit_interval(torch.tensor([0, -1, 2**62, -2**63]))  # all-zero and all-one bits
+    extremes = keyed_random.unit_interval(torch.tensor([0, -1, 2**62, -2**63]))  # all-zero and all-one bits
     assert (extremes > 0).all() and (extremes < 1).all()
     noise = -(-extremes.log()).log()
     assert noise.isfinite().all()
 
 
 def test_keyed_uniform_is_uniform_and_keyed():
-    u = prompt_ris.keyed_uniform(torch.arange(200), 500, stream=1)
+    u = keyed_random.keyed_uniform(torch.arange(200), 500, stream=1)
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
-    pairs = prompt_ris.keyed_uniform(torch.arange(20000), 2, stream=1)  # neighbouring draws and keys independent
+    pairs = keyed_random.keyed_uniform(torch.arange(20000), 2, stream=1)  # neighbouring draws and keys independent
     assert abs(torch.corrcoef(pairs.T)[0, 1]) < 0.03
     assert abs(torch.corrcoef(torch.stack([pairs[:-1, 0], pairs[1:, 0]]))[0, 1]) < 0.03
-    assert torch.equal(prompt_ris.keyed_uniform(torch.arange(3, 5), 500, stream=1), u[3:5])
-    assert not torch.equal(prompt_ris.keyed_uniform(torch.arange(200), 500, stream=2), u)
+    assert torch.equal(keyed_random.keyed_uniform(torch.arange(3, 5), 500, stream=1), u[3:5])
+    assert not torch.equal(keyed_random.keyed_uniform(torch.arange(200), 500, stream=2), u)
 
 
 def test_gumbel_choice_frequencies_follow_the_softmax():
