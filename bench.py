@@ -34,7 +34,9 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoints
 import data
+import runtime
 import train
 
 from clip_vit import CLIPConfig, cut_tokens
@@ -42,6 +44,7 @@ from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import SAM, SAMConfig
+from sam_cache import sam_embeddings
 
 SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
 # Training images of the paper's run (§4.2: RefCOCO + RefCOCO+ + G-Ref, evaluation images removed), an
@@ -64,7 +67,7 @@ def _sync(device: str) -> None:
 @contextlib.contextmanager
 def training_precision(device: str):
     """The precision train.py runs with on this device: TF32 matmuls and bf16 autocast on a GPU that has
-    bf16 (train.setup_processes, train.autocast_dtype), plain float32 on the CPU. The comparisons with the
+    bf16 (runtime.setup_processes, runtime.autocast_dtype), plain float32 on the CPU. The comparisons with the
     reference implementations stay in float32: the matmul precision is restored on exit."""
     if torch.device(device).type != "cuda":
         yield
@@ -322,8 +325,8 @@ def bench_train_step(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         unmap_freed_blocks()
-    procs = train.Processes(0, 0, 1, device)
-    amp_dtype = train.autocast_dtype(tc, device)
+    procs = runtime.Processes(0, 0, 1, device)
+    amp_dtype = runtime.autocast_dtype(tc, device)
     torch.manual_seed(0)
     model, train_towers = train.build_model(tc)
     model.to(device).train()
@@ -333,15 +336,15 @@ def bench_train_step(args) -> dict:
     chunks = train_step_batches(model.config, args.device, args.images, tc.sentences_per_image, tc.micro_batch)
     stage = args.stage
     with tempfile.TemporaryDirectory() as cache:
-        sam_cache = None if train_towers or stage == 1 else cache
-        if sam_cache:  # stage 2 with a frozen SAM: F_IS precomputed, and read back as the loader's workers do
-            with torch.no_grad(), train.autocast(device, amp_dtype):
+        cache_dir = None if train_towers or stage == 1 else cache
+        if cache_dir:  # stage 2 with a frozen SAM: F_IS precomputed, and read back as the loader's workers do
+            with torch.no_grad(), runtime.autocast(device, amp_dtype):
                 for chunk in chunks:
                     for i in range(len(chunk["clip_images"])):  # one image at a time: not the step's peak
-                        train.sam_embeddings(model, {"sam_images": chunk["sam_images"][i:i + 1],
-                                                     "image_ids": chunk["image_ids"][i:i + 1],
-                                                     "sam_embeddings": [None]}, device, sam_cache)
-                    chunk["sam_embeddings"] = [torch.load(data.sam_cache_path(sam_cache, i), weights_only=True)
+                        sam_embeddings(model, {"sam_images": chunk["sam_images"][i:i + 1],
+                                               "image_ids": chunk["image_ids"][i:i + 1],
+                                               "sam_embeddings": [None]}, device, cache_dir)
+                    chunk["sam_embeddings"] = [torch.load(data.sam_cache_path(cache_dir, i), weights_only=True)
                                                for i in chunk["image_ids"]]
                     chunk["sam_images"] = None
         _sync(args.device)
@@ -349,8 +352,8 @@ def bench_train_step(args) -> dict:
         reset_peak_memory(device)
 
         def step():
-            train.train_step(model, model, chunks, optimizer, params, stage, tc, procs, amp_dtype, sam_cache,
-                             train_towers, train.TrainState())
+            train.train_step(model, model, chunks, optimizer, params, stage, tc, procs, amp_dtype, cache_dir,
+                             train_towers, checkpoints.TrainState())
             _sync(args.device)
 
         times = []

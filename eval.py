@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
 from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
@@ -319,19 +319,6 @@ def _run_files(path) -> tuple[str, str]:
         raise FileNotFoundError(f"{path}: no such run directory; train one with `python train.py --out {path}` "
                                 "(the default `python train.py` writes runs/demo)")
     raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
-
-
-BEST_WEIGHTS = "best.safetensors"  # train.py --keep-best: the weights of the run's best validation
-
-
-def read_best(path: str) -> dict | None:
-    """The record {"step", "metric", "score", "expressions"} that train.py writes into best.safetensors' header."""
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    return json.loads(metadata["best"]) if "best" in metadata else None
 
 
 def run_weights(path, choice: str | None = None) -> tuple[str, str]:

@@ -28,35 +28,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import hashlib
 import json
 import math
 import os
-import random
-import resource
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors.torch import save as safetensors_bytes
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
 import synth
+from checkpoints import (BEST_WEIGHTS, TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
+                         save_checkpoint, save_run_model, seed_everything)
 from clip_vit import Tokenizer
-from eval import BEST_WEIGHTS, NumberRange, evaluate, read_best
+from eval import NumberRange, evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
-from viz import draw_curves
+from runtime import (OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs, dataset_specs,
+                     gather_metrics, loader_workers, mean_over_ranks, out_of_memory_message, peak_memory_mb,
+                     reset_peak_memory, setup_processes, shutdown, stop_if_not_finite, wrap_model)
+from sam_cache import sam_cache_dir, sam_embeddings
 
 # ---------------------------------------------------------------------------------------------
 # Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
@@ -166,7 +162,6 @@ def demo_preset() -> TrainConfig:
 
 PRESETS = {"paper": TrainConfig(config="paper"), "demo": demo_preset()}
 PER_RUN_FLAGS = ("resume", "max_steps")  # never taken over from a resumed run's config.json
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "synth": "unc"}
 
 
 def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
@@ -337,66 +332,6 @@ def main(argv=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs: every missing path is reported before any work, with where to get it
-# ---------------------------------------------------------------------------------------------
-
-HOW_TO_GET = {
-    "clip_weights": "run `python load_weights.py download clip` (OpenAI's ViT-B-16.pt, SHA-256 checked, converted; "
-                    "it prints the path), or pass Hugging Face's openai/clip-vit-base-patch16 model.safetensors",
-    "sam_weights": "run `python load_weights.py download sam` (segment-anything's sam_vit_b_01ec64.pth, converted; "
-                   "it prints the path), or pass Hugging Face's facebook/sam-vit-base model.safetensors",
-    "vocab": "run `python load_weights.py download vocab` (OpenAI's bpe_simple_vocab_16e6.txt.gz), or pass a "
-             "Hugging Face vocab.json with merges.txt beside it",
-    "data_root": "run `python data.py download --data-root DATA_ROOT --images` (the refer annotations and COCO "
-                 "train2014 in the refer layout; --from DIR takes zips fetched by hand)",
-}
-
-
-def dataset_specs(names: str) -> list[tuple[str, str]]:
-    """'refcoco,refcocog:google' -> [('refcoco', 'unc'), ('refcocog', 'google')]."""
-    specs = []
-    for name in filter(None, (n.strip() for n in names.split(","))):
-        dataset, _, split_by = name.partition(":")
-        if not split_by and dataset not in DEFAULT_SPLIT_BY:
-            raise ValueError(f"--datasets: no default split for '{dataset}'; write it as {dataset}:SPLIT_BY")
-        specs.append((dataset, split_by or DEFAULT_SPLIT_BY[dataset]))
-    if not specs:
-        raise ValueError("--datasets is empty")
-    return specs
-
-
-def check_inputs(tc: TrainConfig) -> None:
-    """Fail before any work if a file the run needs is missing; the message says how to get it."""
-    if tc.config == "paper" and not (tc.clip_weights and tc.sam_weights and tc.data_root):
-        missing = [f"--{k.replace('_', '-')}" for k in ("clip_weights", "sam_weights", "data_root")
-                   if not getattr(tc, k)]
-        raise ValueError(f"--config paper needs {', '.join(missing)}: "
-                         + "; ".join(HOW_TO_GET[k] for k in ("clip_weights", "sam_weights", "data_root")
-                                     if not getattr(tc, k))
-                         + ". Without them run the demo (`python train.py`).")
-    if tc.resume and not os.path.isfile(os.path.join(tc.out, "ckpt.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(tc.out, 'ckpt.pt')}; "
-                                "start without --resume")
-    for key in ("clip_weights", "sam_weights"):
-        path = getattr(tc, key)
-        if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file; {HOW_TO_GET[key]}")
-    if tc.vocab is not None and not os.path.exists(tc.vocab):
-        raise FileNotFoundError(f"--vocab {tc.vocab}: no such file; {HOW_TO_GET['vocab']}")
-    specs = dataset_specs(tc.datasets) + dataset_specs(tc.val_dataset)
-    if all(name == "synth" for name, _ in specs):
-        return  # the built-in data is written when absent
-    root = tc.data_root or ""
-    for name, split_by in specs:
-        folder = os.path.join(root, name)
-        refs = [os.path.join(folder, f"refs({split_by}).{ext}") for ext in ("p", "json")]
-        needed = [" or ".join(refs)] if not any(map(os.path.isfile, refs)) else []
-        needed += [p for p in [os.path.join(folder, "instances.json")] if not os.path.isfile(p)]
-        if needed:
-            raise FileNotFoundError(f"--data-root {root}: missing {'; '.join(needed)}; {HOW_TO_GET['data_root']}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Model and data
 # ---------------------------------------------------------------------------------------------
 
@@ -517,341 +452,6 @@ def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# SAM image embeddings: once per image per batch, optionally cached on disk across epochs
-# ---------------------------------------------------------------------------------------------
-
-
-def sam_weights_hash(model: PromptRIS, amp_dtype, data_root: str = "") -> str:
-    """Key of the embedding cache: SAM image-encoder weights, input size, autocast dtype and the data root
-    (image ids of another dataset would name other images)."""
-    h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}/{os.path.abspath(data_root)}".encode())
-    for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dtype, n_images: int,
-                  log) -> str | None:
-    """--cache-sam DIR/<hash of SAM's encoder weights, dtype, data root>: only a frozen SAM's embeddings can be
-    cached. Says how much disk the cache takes, and stops before training when the disk lacks it."""
-    if not tc.cache_sam or train_towers:
-        return None
-    folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype, tc.data_root or ""))
-    os.makedirs(folder, exist_ok=True)
-    c, (h, w) = model.config.sam.prompt_dim, model.sam.prompt_encoder.image_embedding_size
-    per_image = c * h * w * (amp_dtype or torch.float32).itemsize  # stored as the encoder gives it
-    cached = sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".pt"))
-    needed, free = max(n_images * per_image - cached, 0), shutil.disk_usage(folder).free
-    log(f"--cache-sam {folder}: {n_images} images x {per_image / 2**20:.1f} MiB = "
-        f"{n_images * per_image / 2**30:.2f} GiB ({cached / 2**30:.2f} GiB cached, {free / 2**30:.1f} GiB free)")
-    if needed > free:
-        raise OSError(f"--cache-sam {tc.cache_sam}: the cache needs {needed / 2**30:.2f} GiB more, the disk has "
-                      f"{free / 2**30:.2f} GiB free; free space, choose another directory or drop --cache-sam")
-    return folder
-
-
-def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None) -> torch.Tensor:
-    """F_IS (B, C, h, w) for the batch's images. SAM's encoder is frozen, so no graph is kept and an
-    image's embedding never changes: computed once per image (not per sentence) and, with a cache
-    directory, read back in later epochs by the DataLoader workers (batch["sam_embeddings"]; images are not
-    augmented, so this is exact). New embeddings are stored as the encoder gives them (bf16 under autocast)."""
-    if cache_dir is None:
-        return model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True))
-    embeddings = batch["sam_embeddings"]
-    missing = [b for b, e in enumerate(embeddings) if e is None]
-    fresh = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if missing else []
-    for b, embedding in zip(missing, fresh):
-        path = data.sam_cache_path(cache_dir, batch["image_ids"][b])
-        write_then_rename(path, lambda f, e=embedding: torch.save(e.cpu().clone(), f))
-    fresh = dict(zip(missing, fresh))
-    return torch.stack([fresh[b] if e is None else e.to(device, non_blocking=True) for b, e in enumerate(embeddings)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and randomness
-# ---------------------------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
-
-
-def write_then_rename(path: str, write) -> None:
-    """write(f) into `path`.tmp<pid>, then os.replace: readers see the whole file or none. No fsync: after a
-    crash a cache file is at worst missing (recomputed), and a leftover .tmp file is never read."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def atomic_write(path: str, write) -> None:
-    """write(f) into a temporary file beside `path`, fsync, then os.replace: a crash at any moment leaves
-    either the old file or the new one, never a torn one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename itself durable
-    finally:
-        os.close(folder)
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), and its
-    own GPU's only (a list of one, or empty), so that a run resumes on a machine with fewer GPUs."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if cuda and device.type == "cuda":  # checkpoints before this format hold every GPU's state: take ours
-        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index], device)
-
-
-@contextlib.contextmanager
-def rng_untouched(device: torch.device):
-    """Validation in the middle of training must not shift the training's random streams."""
-    state = rng_state(device)
-    try:
-        yield
-    finally:
-        set_rng_state(state, device)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, procs: Processes,
-                    tc: TrainConfig) -> None:
-    """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
-    states = [None] * procs.world
-    if procs.ddp:
-        dist.all_gather_object(states, rng_state(procs.device))
-    else:
-        states = [rng_state(procs.device)]
-    if procs.master:
-        atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
-            "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
-            "train_config": asdict(tc)}, f))
-    state.last_saved = state.step
-
-
-def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str) -> TrainState:
-    """Weights, optimizer, position and this rank's RNG state from a checkpoint of the same model and world."""
-    path = os.path.join(out, "ckpt.pt")
-    if ckpt["model_config"] != model.config.to_dict():
-        differ = sorted(k for k, v in model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
-        raise CheckpointError(f"{path}: saved for a different model (config keys {differ} differ from the flags)")
-    if len(ckpt["rng"]) != procs.world:
-        raise CheckpointError(f"{path}: written by {len(ckpt['rng'])} processes, resumed with {procs.world}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"][procs.rank], procs.device)
-    if procs.master:  # log lines after the checkpoint belong to the lost part of the run
-        _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
-    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"],
-                      ckpt.get("best"))  # checkpoints written before --keep-best have none
-
-
-CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
-
-
-def load_checkpoint(path: str) -> dict:
-    """torch.load with weights_only (plain tensors and containers, no code), or a CheckpointError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated zip, garbage bytes, foreign pickle
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e}). Checkpoints "
-                              "are replaced atomically, so this file was damaged after it was written; "
-                              "delete it to start over") from e
-    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a train.py checkpoint, missing {missing}")
-    return ckpt
-
-
-def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) -> None:
-    """model.safetensors (or best.safetensors): the full PromptRIS state dict (CLIP and SAM included), for
-    eval.load_run; `metadata` {str: str} goes into the file's header."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: f.write(safetensors_bytes(state, metadata)))
-
-
-def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfig, log: "RunLog") -> None:
-    """best.safetensors beside model.safetensors when this validation's --keep-best score beats every earlier
-    validation of the run's final output (untrained and stage-1 scores excluded), the checkpoint LAVT, CGFormer
-    and CRIS report. Its record {"step", "metric", "score", "expressions"} goes into TrainState and the file."""
-    score = metrics[tc.keep_best] if tc.keep_best != "none" else None
-    if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
-        return
-    best = {"step": state.step, "metric": tc.keep_best, "score": score, "expressions": metrics["n"]}
-    if log.master:  # every rank validated (the same gathered metrics); one writes
-        save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
-    state.best = best
-    log(f"step {state.step}: best val {tc.keep_best} so far ({best['score']:.2f}), saved as {BEST_WEIGHTS}")
-
-
-def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | None:
-    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written at the
-    checkpoint's step (its validation follows the save) or after it (in the part of the run now replayed): then
-    the file's own record, so the record always describes the file. None when --keep-best now names another
-    score (a none run also drops the file, which eval.py would otherwise take)."""
-    path = os.path.join(tc.out, BEST_WEIGHTS)
-    on_disk = read_best(path) if os.path.isfile(path) else None
-    best = on_disk if on_disk is not None and on_disk["step"] >= state.step else state.best
-    if best is not None and best["metric"] != tc.keep_best:
-        log(f"--keep-best {tc.keep_best}: the run kept its best by {best['metric']} so far; that record is dropped")
-        if tc.keep_best == "none" and log.master:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        return None
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes and devices (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def ddp(self) -> bool:
-        return self.world > 1 or dist.is_initialized()
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_processes(tc: TrainConfig) -> Processes:
-    """One process per GPU under torchrun (NCCL on cuda:LOCAL_RANK; gloo on CPU), else a single process."""
-    under_torchrun = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if under_torchrun:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device)
-    if device.type == "cuda":
-        device = cuda_device(device, under_torchrun, local_rank)
-        torch.cuda.set_device(device)  # before NCCL starts, so its communicator lives on this GPU
-        # TF32 tensor cores for float32 matmuls. What must stay exact is not rounded: SAM's positional encodings
-        # are computed where the weights load (CPU) and cached, Eq. (3) reads E's row without a matmul
-        torch.set_float32_matmul_precision("high")
-    if under_torchrun:
-        # long timeout: a rank that finishes its validation shard early waits for the others in a collective
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                                device_id=device if device.type == "cuda" else None)
-    if tc.images_per_batch % world:
-        raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # AdamW's second moments of rarely used rows decay into slow denormals
-    return Processes(rank, local_rank, world, device)
-
-
-def cuda_device(asked: torch.device, under_torchrun: bool, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK under torchrun (an explicit index there is an error), else the GPU asked for."""
-    if under_torchrun and asked.index is not None:
-        raise ValueError(f"--device {asked}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
-                         "(or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-    device = torch.device("cuda", local_rank if under_torchrun else (asked.index or 0))
-    if device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device: {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
-                         + (f" (LOCAL_RANK={local_rank}: start at most that many processes per node)"
-                            if under_torchrun else ""))
-    return device
-
-
-def autocast_dtype(tc: TrainConfig, device: torch.device):
-    """bfloat16 where it runs natively (or when asked), else None = float32 without autocast.
-    auto: bfloat16 on a GPU with bfloat16 support (torch.cuda.is_bf16_supported()), float32 elsewhere."""
-    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if tc.dtype == "bfloat16" and device.type == "cuda" and not bf16_gpu:
-        raise ValueError(f"--dtype bfloat16: {device} does not support bfloat16; use --dtype float32 (or auto)")
-    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and bf16_gpu) else None
-
-
-def describe_dtype(tc: TrainConfig, device: torch.device, amp_dtype) -> str:
-    """What the run header says about precision, and why when auto fell back to float32 on a GPU."""
-    if amp_dtype is not None:
-        return f"autocast {amp_dtype}"
-    if tc.dtype == "auto" and device.type == "cuda":
-        return "float32: this GPU does not support bfloat16 (torch.cuda.is_bf16_supported() is False)"
-    return "float32"
-
-
-def autocast(device: torch.device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-
-def wrap_model(raw_model: PromptRIS, tc: TrainConfig, procs: Processes):
-    """torch.compile and DDP around the model; the unwrapped raw_model is what checkpoints hold."""
-    model = torch.compile(raw_model) if tc.compile else raw_model
-    if procs.ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
-        model = DDP(model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
-                    find_unused_parameters=True,
-                    broadcast_buffers=False)  # the buffers (E table, SAM constants) never change: no 64 MiB per step
-    return model
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def shutdown(procs: Processes) -> None:
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def peak_memory_mb(device: torch.device) -> dict:
-    """{"peak_memory_mb": peak GPU memory allocated by tensors, "peak_reserved_mb": held by the caching
-    allocator (what nvidia-smi shows)}, since reset_peak_memory; on CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Training's peak, not the untrained validation's (its batches are whole images' sentences)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # The schedule (§4.2) and one training step
 # ---------------------------------------------------------------------------------------------
 
@@ -907,23 +507,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-@dataclass
-class TrainState:
-    """Where the run is: what a checkpoint stores besides weights, optimizer and RNG states."""
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    untrained: dict | None = None  # val metrics before training (fresh runs)
-    last_saved: int = 0
-    best: dict | None = None  # the best validation so far (--keep-best): {"step", "metric", "score", "expressions"}
-
-    def advance(self, steps_per_epoch: int) -> None:
-        self.step += 1
-        self.batch_in_epoch += 1
-        if self.batch_in_epoch == steps_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-
 def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConfig,
                  procs: Processes) -> DataLoader:
     """The rest of the current epoch's steps for this rank, each a list of micro-batches (a resumed run
@@ -937,16 +520,6 @@ def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConf
                       collate_fn=partial(collate_micro_batches, size=tc.micro_batch, seed=tc.seed, epoch=state.epoch),
                       prefetch_factor=4 if workers else None,  # keep the next steps' images ready
                       generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
-
-
-def loader_workers(tc: TrainConfig, device: torch.device) -> int:
-    """--num-workers, auto (-1): 0 on CPU, where a worker takes cores from the model; on CUDA, enough
-    processes to decode and resize a paper batch faster than a step (README, "Memory and time")."""
-    if tc.num_workers >= 0:
-        return tc.num_workers
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 PER_IMAGE_TERMS = ("icl_clip", "icl_sam")  # Eq. (8) averages over images; the seg losses over sentences
@@ -998,54 +571,6 @@ def accumulate_gradients(model, raw_model: PromptRIS, micro_batches: list[dict],
     return summed
 
 
-class OutOfMemory(MemoryError):
-    """The device ran out of memory in a training step; the message says what lowers memory."""
-
-
-def out_of_memory_message(state: TrainState, micro_batches: list[dict], tc: TrainConfig, procs: Processes,
-                          amp_dtype, kept: str) -> str:
-    """One paragraph: where it happened, the memory in use, and the flags that lower it."""
-    if procs.device.type == "cuda":
-        gib = [torch.cuda.memory_allocated(procs.device) / 2**30, torch.cuda.memory_reserved(procs.device) / 2**30,
-               torch.cuda.get_device_properties(procs.device).total_memory / 2**30]
-        in_use = f"{gib[0]:.1f} GiB allocated by tensors, {gib[1]:.1f} GiB reserved by PyTorch, of {gib[2]:.1f} GiB"
-    else:
-        in_use = f"peak resident memory {peak_memory_mb(procs.device)['peak_memory_mb'] / 1024:.1f} GiB"
-    chunk = max(len(b["clip_images"]) for b in micro_batches)
-    lower = []
-    if chunk > 1:
-        lower.append(f"--micro-batch {chunk // 2} (the same gradient from smaller forward passes)")
-    if not tc.grad_checkpoint:
-        lower.append("--grad-checkpoint (CLIP's activations recomputed in backward)")
-    if amp_dtype != torch.bfloat16:
-        lower.append("--dtype bfloat16 (half the activation memory)")
-    if not tc.cache_sam:
-        lower.append("--cache-sam DIR (a frozen SAM's image embeddings read from disk)")
-    return (f"step {state.step + 1}: out of memory on {procs.device} ({in_use}) running {chunk} images x "
-            f"{tc.sentences_per_image} sentences per forward pass. Lower the memory with "
-            f"{', '.join(lower) or 'fewer --images-per-batch'}; see the README, 'Memory and time on one GPU'. "
-            f"Stopped before the update, {kept}.")
-
-
-def mean_over_ranks(terms: dict, procs: Processes) -> dict:
-    """{name: float} of the loss terms, averaged over the DDP ranks in one all_reduce."""
-    values = torch.stack([v.detach().float() for v in terms.values()])
-    if procs.ddp:
-        dist.all_reduce(values)  # sum (gloo has no average)
-        values /= procs.world
-    return dict(zip(terms, values.tolist()))
-
-
-def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
-    """A NaN or inf loss term (checked first, "loss" last) or gradient norm stops every rank at once."""
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
-        raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
-                                 f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} "
-                                 f"(step {state.last_saved})")
-
-
 def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:
     """Every rank evaluates the unwrapped model on its shard of the images (rank, rank + world, ...) and the
     pixel counts are gathered, so every rank returns the metrics one process gives over all of them: the
@@ -1058,15 +583,6 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
         return {"output": output} | evaluate(model, loader, device=procs.device, output=output, amp_dtype=amp_dtype,
                                              gather=lambda metrics: gather_metrics(metrics, procs),
                                              progress=procs.master)
-
-
-def gather_metrics(metrics, procs: Processes):
-    """Every rank's RISMetrics (per-expression integer pixel counts and ids, a few MB) merged on every rank."""
-    if not procs.ddp:
-        return metrics
-    parts = [None] * procs.world
-    dist.all_gather_object(parts, metrics)
-    return parts[0].merge(parts[1:])
 
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
@@ -1101,100 +617,6 @@ def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: Train
 def periodic_val_set(val_set, tc: TrainConfig):
     """What --eval-every validates: the first --val-images images of the validation split, or all of it."""
     return val_set if not tc.val_images or tc.val_images >= len(val_set) else Subset(val_set, range(tc.val_images))
-
-
-# ---------------------------------------------------------------------------------------------
-# Logs: train.log (what the terminal shows), log.jsonl (one record per log step), rank 0 only
-# ---------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    def __init__(self, out: str, master: bool, fresh: bool):
-        self.out, self.master = out, master
-        self.started = self.t_log = time.time()
-        self.run_config: dict = {}  # config.json
-        self.images_since_log, self.wait_since_log = 0, 0.0
-        os.makedirs(out, exist_ok=True)
-        if master and fresh:  # a fresh run in an old directory starts fresh logs
-            for name in ("train.log", "log.jsonl", "metrics.json", "curves.png", BEST_WEIGHTS):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
-
-    def __call__(self, message: str) -> None:
-        if self.master:
-            tqdm.write(message)
-            with open(os.path.join(self.out, "train.log"), "a") as f:
-                f.write(message + "\n")
-
-    def json(self, record: dict) -> None:
-        if self.master:
-            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def curves(self) -> None:
-        """curves.png: every loss term and val mIoU against the step, redrawn from log.jsonl."""
-        if self.master:
-            draw_curves(os.path.join(self.out, "log.jsonl"), os.path.join(self.out, "curves.png"))
-
-    def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
-        """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""
-        self(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {procs.device} x "
-             f"{procs.world} ({describe_dtype(tc, procs.device, amp_dtype)})")
-        self(f"trainable parameters: {model.count_parameters():,} of {model.count_parameters(False):,}")
-        self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
-             "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
-                                            "prompter train")
-        self.run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
-        self.write_config()
-
-    def write_config(self) -> None:
-        if self.master:
-            atomic_write(os.path.join(self.out, "config.json"),
-                         lambda f: f.write(json.dumps(self.run_config, indent=1).encode()))
-
-    def held_out(self, report: dict) -> None:
-        """build_data's hold-out report (§4.2) per training set, in train.log and config.json ("held_out")."""
-        for name, c in report.items():
-            removed = ", ".join(f"{n['images']} images / {n['refs']} refs ({reason})"
-                                for reason, n in c["removed"].items())
-            self(f"{name} train: {c['images']} images, {c['refs']} refs; held out {removed}; trained on "
-                 f"{c['kept']['images']} images, {c['kept']['refs']} refs")
-            for reason, n in c.get("not_held_out", {}).items():
-                self(f"{name} train: {n['images']} images / {n['refs']} refs of {reason} are trained on "
-                     f"(--no-hold-out-other-partition): a score on that partition is not held out")
-        self.run_config["held_out"] = report
-        self.write_config()
-
-    def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, wait_s: float,
-             tc: TrainConfig, schedule: Schedule) -> None:
-        """The progress bar every step, a log.jsonl record every --log-every steps ("data_wait": the fraction
-        of the time since the last record spent waiting for the loader)."""
-        self.images_since_log += tc.images_per_batch
-        self.wait_since_log += wait_s
-        if self.master:
-            pbar.update(1)
-            pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
-                "lr": f"{lr:.2e}", "stage": stage, "img/s": significant(tc.images_per_batch / step_s)})
-        if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
-            now = time.time()
-            self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
-                       "images_per_s": self.images_since_log / (now - self.t_log),
-                       "data_wait": self.wait_since_log / (now - self.t_log), "elapsed_s": now - self.started})
-            self.t_log, self.images_since_log, self.wait_since_log = now, 0, 0.0
-
-
-def significant(x: float, digits: int = 2) -> str:
-    """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
-    return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run starts from)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
 if __name__ == "__main__":

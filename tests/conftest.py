@@ -51,7 +51,7 @@ def restore_torch_globals():
 
 @pytest.fixture(autouse=True, scope="session")
 def no_fsync():
-    """train.atomic_write fsyncs each checkpoint and weights file (durability against power loss, which no
+    """checkpoints.atomic_write fsyncs each checkpoint and weights file (durability against power loss, which no
     test can cut): 0.1-0.3 s per 46 MB checkpoint on this disk, at every train.main run of the suite. The
     suite's own processes skip it; test_atomic_write_fsyncs_the_file_before_the_rename checks the calls."""
     fsync = os.fsync

@@ -17,9 +17,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bench
+import checkpoints
 import data
 import eval as eval_module
+import runtime
 import sam as sam_module
+import sam_cache
 import synth
 import train
 from clip_vit import cut_tokens
@@ -183,7 +186,7 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", torch.device(d))))
-    monkeypatch.setattr(train.dist, "init_process_group",
+    monkeypatch.setattr(runtime.dist, "init_process_group",
                         lambda backend, **kw: events.append(("init", backend, kw.get("device_id"))))
     precision = torch.get_float32_matmul_precision()
     yield events
@@ -196,7 +199,7 @@ def torchrun_env(monkeypatch, rank, local_rank, world):
 
 
 def processes(*flags):
-    return train.setup_processes(train.parse_args(["--config", "demo", "--threads", "0", *flags]))
+    return runtime.setup_processes(train.parse_args(["--config", "demo", "--threads", "0", *flags]))
 
 
 def test_torchrun_on_cuda_uses_local_rank_and_sets_the_device_before_nccl(fake_gpus, monkeypatch):
@@ -226,13 +229,13 @@ def test_torchrun_on_cpu_stays_gloo(fake_gpus, monkeypatch):
 
 def test_dtype_auto_picks_bf16_only_where_the_gpu_has_it(fake_gpus, monkeypatch):
     tc, gpu = train.parse_args(["--config", "demo"]), torch.device("cuda", 0)
-    assert train.autocast_dtype(tc, gpu) == torch.bfloat16
-    assert train.autocast_dtype(tc, torch.device("cpu")) is None
+    assert runtime.autocast_dtype(tc, gpu) == torch.bfloat16
+    assert runtime.autocast_dtype(tc, torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.autocast_dtype(tc, gpu) is None
-    assert "does not support bfloat16" in train.describe_dtype(tc, gpu, None)
+    assert runtime.autocast_dtype(tc, gpu) is None
+    assert "does not support bfloat16" in runtime.describe_dtype(tc, gpu, None)
     with pytest.raises(ValueError, match="--dtype bfloat16: cuda:0 does not support bfloat16"):
-        train.autocast_dtype(train.parse_args(["--config", "demo", "--dtype", "bfloat16"]), gpu)
+        runtime.autocast_dtype(train.parse_args(["--config", "demo", "--dtype", "bfloat16"]), gpu)
 
 
 def test_checkpoint_rng_holds_only_its_own_gpu_and_old_checkpoints_still_load(monkeypatch):
@@ -243,24 +246,24 @@ def test_checkpoint_rng_holds_only_its_own_gpu_and_old_checkpoints_still_load(mo
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append(("set", int(s[0]), device)))
     gpu1 = torch.device("cuda", 1)
-    state = train.rng_state(gpu1)
+    state = checkpoints.rng_state(gpu1)
     assert len(state["cuda"]) == 1 and calls == [("get", gpu1)]
-    train.set_rng_state(state, gpu1)
+    checkpoints.set_rng_state(state, gpu1)
     old_format = state | {"cuda": [torch.zeros(4), torch.full((4,), 7.0)]}
-    train.set_rng_state(old_format, gpu1)
+    checkpoints.set_rng_state(old_format, gpu1)
     assert calls[1:] == [("set", 1, gpu1), ("set", 7, gpu1)]
-    assert train.rng_state(torch.device("cpu"))["cuda"] == []
+    assert checkpoints.rng_state(torch.device("cpu"))["cuda"] == []
 
 
 def test_peak_memory_reports_allocated_and_reserved_of_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 3 * 2**20 if d.index == 1 else 0)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 5 * 2**20 if d.index == 1 else 0)
-    assert train.peak_memory_mb(torch.device("cuda", 1)) == {"peak_memory_mb": 3, "peak_reserved_mb": 5}
+    assert runtime.peak_memory_mb(torch.device("cuda", 1)) == {"peak_memory_mb": 3, "peak_reserved_mb": 5}
 
 
 def test_images_per_second_keep_two_significant_digits():
     """A paper step on CPU (16 images in ~640 s) showed img/s=0."""
-    assert [train.significant(x) for x in (0.025, 0.0251, 1.234, 16.3, 123.4)] == ["0.025", "0.025", "1.2", "16", "123"]
+    assert [runtime.significant(x) for x in (0.025, 0.0251, 1.234, 16.3, 123.4)] == ["0.025", "0.025", "1.2", "16", "123"]
 
 
 # ---- 7. bench.py on CUDA ----
@@ -327,7 +330,7 @@ def _validation_worker(rank, world, port, root, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     scored, update = [], eval_module.RISMetrics.update  # what this rank scores itself
     eval_module.RISMetrics.update = lambda self, *a, **k: scored.append(1) or update(self, *a, **k)
-    metrics = validation_metrics(root, train.Processes(rank, rank, world, torch.device("cpu")))
+    metrics = validation_metrics(root, runtime.Processes(rank, rank, world, torch.device("cpu")))
     torch.save({"metrics": metrics, "scored": len(scored)}, os.path.join(out, f"metrics{rank}.pt"))
     dist.destroy_process_group()
 
@@ -336,7 +339,7 @@ def test_two_process_validation_gives_exactly_the_one_process_metrics(tmp_path):
     root = str(tmp_path / "data")
     synth.make_synth(root, seed=0, n_train=4, n_val=5, n_testA=1, n_testB=1)
     mp.start_processes(_validation_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, start_method="fork")
-    single = validation_metrics(root, train.Processes(0, 0, 1, torch.device("cpu")))
+    single = validation_metrics(root, runtime.Processes(0, 0, 1, torch.device("cpu")))
     assert single[1]["n"] > 5 and single[2]["output"] == "mask"
     results = [torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(r["metrics"] == single for r in results)  # exact, on every rank
@@ -366,7 +369,7 @@ def test_sam_cache_stores_the_encoders_dtype_and_is_read_by_the_dataset(micro_ro
 
 def test_sam_cache_key_includes_the_data_root_and_ignores_torn_files(micro_root, tmp_path):
     model, _ = train.build_model(train.parse_args(micro_args(micro_root, "unused", "--no-train-towers")))
-    assert train.sam_weights_hash(model, None, "a") != train.sam_weights_hash(model, None, "b")
+    assert sam_cache.sam_weights_hash(model, None, "a") != sam_cache.sam_weights_hash(model, None, "b")
     tc = train.parse_args(micro_args(micro_root, "unused"))
     train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
     train_set.sam_cache = str(tmp_path)
@@ -377,7 +380,7 @@ def test_sam_cache_key_includes_the_data_root_and_ignores_torn_files(micro_root,
 
 
 def test_sam_cache_says_its_size_and_stops_when_the_disk_lacks_it(micro_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(sam_cache.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(OSError, match=r"--cache-sam .*: the cache needs 0\.00 GiB more, the disk has 0\.00 GiB free"):
         train.main(micro_args(micro_root, tmp_path / "run", "--no-train-towers", "--cache-sam", str(tmp_path / "c")))
     assert "8 images x 0.0 MiB" in capsys.readouterr().out

@@ -17,6 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import checkpoints
+import runtime
 import train
 from helpers import assert_bitwise_equal, copy_run, micro_args, read_log, saved_state
 from test_data import WritesMarker
@@ -80,7 +82,7 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run_bitwise(micro_root, t
 
 def test_resume_with_another_model_config_is_refused(micro_root, one_step_run, tmp_path):
     out = copy_run(one_step_run, tmp_path)
-    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: saved for a different model.*'n_prompts'"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"ckpt\.pt: saved for a different model.*'n_prompts'"):
         train.main(micro_args(micro_root, out, "--resume", "--n-prompts", "2"))
 
 
@@ -88,7 +90,7 @@ def test_resume_with_another_number_of_processes_is_refused(micro_root, one_step
     out = copy_run(one_step_run, tmp_path)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "rng": ckpt["rng"] * 2}, out / "ckpt.pt")  # the RNG states of two ranks, as 2 processes save
-    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: written by 2 processes, resumed with 1"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"ckpt\.pt: written by 2 processes, resumed with 1"):
         train.main(micro_args(micro_root, out, "--resume"))
 
 
@@ -130,20 +132,20 @@ def test_best_checkpoint_keeps_the_earlier_weights_when_the_score_goes_down(micr
 
 def test_keep_best_follows_the_chosen_score_and_keeps_the_earlier_of_a_tie(tmp_path):
     out = tmp_path / "run"
-    log = train.RunLog(str(out), master=True, fresh=True)
+    log = runtime.RunLog(str(out), master=True, fresh=True)
     model = torch.nn.Linear(2, 1)
     for metric, best_step in (("mIoU", 2), ("oIoU", 1), ("none", None)):
-        tc, state = train.parse_args(["--out", str(out), "--keep-best", metric]), train.TrainState()
+        tc, state = train.parse_args(["--out", str(out), "--keep-best", metric]), checkpoints.TrainState()
         for step, (o, m) in enumerate([(60.0, 50.0), (40.0, 70.0), (60.0, 70.0)], start=1):
             state.step = step
             with torch.no_grad():
                 model.bias.fill_(step)
-            train.keep_best(model, {"oIoU": o, "mIoU": m, "n": 3}, state, tc, log)
+            checkpoints.keep_best(model, {"oIoU": o, "mIoU": m, "n": 3}, state, tc, log)
         if best_step is None:
             assert state.best is None and not (out / "best.safetensors").exists()
         else:
             assert state.best["step"] == best_step
-            assert train.read_best(str(out / "best.safetensors")) == state.best  # the record in the file's header
+            assert checkpoints.read_best(str(out / "best.safetensors")) == state.best  # the record in the file's header
             assert load_file(out / "best.safetensors")["bias"].item() == best_step
             (out / "best.safetensors").unlink()
 
@@ -174,18 +176,18 @@ def test_resume_keeps_the_best_score(micro_root, tmp_path, monkeypatch):
 
 def test_resumed_best_describes_the_file_on_disk(tmp_path):
     out = tmp_path / "run"
-    log = train.RunLog(str(out), master=True, fresh=True)
+    log = runtime.RunLog(str(out), master=True, fresh=True)
     record = {"step": 5, "metric": "oIoU", "score": 35.0, "expressions": 8}
-    train.save_run_model(torch.nn.Linear(2, 1), str(out / "best.safetensors"), {"best": json.dumps(record)})
+    checkpoints.save_run_model(torch.nn.Linear(2, 1), str(out / "best.safetensors"), {"best": json.dumps(record)})
     older = {"step": 4, "metric": "oIoU", "score": 30.0, "expressions": 8}
     tc = train.parse_args(["--out", str(out)])
     # written at the checkpoint's step (the validation follows the save) or later: the file's record
-    assert train.resumed_best(train.TrainState(step=5, best=older), tc, log) == record
-    assert train.resumed_best(train.TrainState(step=6, best=older), tc, log) == older
+    assert checkpoints.resumed_best(checkpoints.TrainState(step=5, best=older), tc, log) == record
+    assert checkpoints.resumed_best(checkpoints.TrainState(step=6, best=older), tc, log) == older
     # another score now: the record is dropped; none also drops the file
-    assert train.resumed_best(train.TrainState(step=6, best=older), replace(tc, keep_best="mIoU"), log) is None
+    assert checkpoints.resumed_best(checkpoints.TrainState(step=6, best=older), replace(tc, keep_best="mIoU"), log) is None
     assert (out / "best.safetensors").exists()
-    assert train.resumed_best(train.TrainState(step=6, best=older), replace(tc, keep_best="none"), log) is None
+    assert checkpoints.resumed_best(checkpoints.TrainState(step=6, best=older), replace(tc, keep_best="none"), log) is None
     assert not (out / "best.safetensors").exists()
 
 
@@ -198,7 +200,7 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(micro_root, one_step_r
     good = path.read_bytes()
     for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
         path.write_bytes(damaged)
-        with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: corrupt or truncated checkpoint"):
+        with pytest.raises(checkpoints.CheckpointError, match=r"ckpt\.pt: corrupt or truncated checkpoint"):
             train.main(micro_args(micro_root, out, "--resume"))
 
 
@@ -207,7 +209,7 @@ def test_checkpoint_holding_code_is_refused_without_running_it(micro_root, one_s
     out = copy_run(one_step_run, tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"model": WritesMarker(str(marker))}, out / "ckpt.pt")
-    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: corrupt or truncated checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"ckpt\.pt: corrupt or truncated checkpoint"):
         train.main(micro_args(micro_root, out, "--resume"))
     assert not marker.exists()
 
@@ -221,7 +223,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        train.atomic_write(str(path), crash_midway)
+        checkpoints.atomic_write(str(path), crash_midway)
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -231,7 +233,7 @@ def test_atomic_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b))
-    train.atomic_write(str(path), lambda f: f.write(b"new"))
+    checkpoints.atomic_write(str(path), lambda f: f.write(b"new"))
     tmp = f"{path}.tmp{os.getpid()}"
     assert calls == [("fsync", tmp), ("replace", str(path)), ("fsync", str(tmp_path))]
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["ckpt.pt"]
@@ -274,7 +276,7 @@ def test_out_of_memory_stops_with_the_flags_that_lower_it(micro_root, tmp_path, 
     real_forward_losses = train.forward_losses
     monkeypatch.setattr(train, "forward_losses", out_of_memory_at_third_step)
     out = tmp_path / "run"
-    with pytest.raises(train.OutOfMemory) as error:
+    with pytest.raises(runtime.OutOfMemory) as error:
         train.main(micro_args(micro_root, out, "--save-every", "1"))
     message = str(error.value)
     assert message.startswith("step 3: out of memory on cpu") and "\n" not in message
@@ -286,13 +288,13 @@ def test_out_of_memory_stops_with_the_flags_that_lower_it(micro_root, tmp_path, 
 def test_num_workers_auto_is_none_on_cpu_several_on_cuda(monkeypatch):
     tc = train.parse_args(["--num-workers", "-1"])  # -1 = auto
     assert tc.num_workers == -1 and train.parse_args([]).num_workers == -1
-    assert train.loader_workers(tc, torch.device("cpu")) == 0
+    assert runtime.loader_workers(tc, torch.device("cpu")) == 0
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert train.loader_workers(tc, torch.device("cuda")) == 4
+    assert runtime.loader_workers(tc, torch.device("cuda")) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.loader_workers(tc, torch.device("cuda")) == 8
-    assert train.loader_workers(train.parse_args(["--num-workers", "3"]), torch.device("cuda")) == 3
+    assert runtime.loader_workers(tc, torch.device("cuda")) == 8
+    assert runtime.loader_workers(train.parse_args(["--num-workers", "3"]), torch.device("cuda")) == 3
 
 
 class InfiniteGradient(torch.autograd.Function):

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import prompt_ris
+import runtime
 import train
 from helpers import assert_bitwise_equal, micro_args, pin_point_prompt, read_log, saved_state
 from sam import ImageEncoderViT
@@ -61,8 +62,8 @@ def test_curves_png_is_drawn_at_every_validation_and_at_the_end(micro_root, tmp_
     def draw_and_record(log, png):
         drawn.append([r["step"] for r in read_log(out) if "val" in r])  # the validations logged so far
         return draw_curves(log, png)
-    draw_curves = train.draw_curves
-    monkeypatch.setattr(train, "draw_curves", draw_and_record)
+    draw_curves = runtime.draw_curves
+    monkeypatch.setattr(runtime, "draw_curves", draw_and_record)
     train.main(micro_args(micro_root, out, "--max-steps", "4", "--eval-every", "2"))
     assert drawn == [[2], [2, 4], [2, 4, 4]]  # steps 2 and 4, then the final validation (all val images)
     width, height = Image.open(out / "curves.png").size
@@ -127,7 +128,7 @@ def test_micro_batch_gradient_equals_the_whole_batch_gradient(micro_root):
     first = train_set[0]  # one sentence: the chunks' shares of images (3/4) and sentences (5/7) then differ
     items = [{**first, **{k: first[k][:1] for k in ("tokens", "sentences", "masks", "ann_ids", "ref_ids",
                                                        "category_ids")}}] + [train_set[i] for i in range(1, 4)]
-    procs = train.Processes(0, 0, 1, torch.device("cpu"))
+    procs = runtime.Processes(0, 0, 1, torch.device("cpu"))
     condition_model(model)  # both sides free of float ties (issue 9): the chunks only reorder the rounding
     grads, values = [], []
     for size in (0, 3):
@@ -195,7 +196,7 @@ def test_gref_other_partition_hold_out_is_a_choice_and_its_cost_is_logged(micro_
     flag = "--hold-out-other-partition" if hold_out else "--no-hold-out-other-partition"
     tc = train.parse_args(micro_args(str(tmp_path), out, "--datasets", "refcocog", "--val-dataset", "refcocog", flag))
     train_set, _, report = train.build_data(tc, train.Tokenizer(None), master=True)
-    log = train.RunLog(str(out), master=True, fresh=True)
+    log = runtime.RunLog(str(out), master=True, fresh=True)
     log.held_out(report)  # what main does right after build_data
 
     counts, google = report["refcocog:umd"], {"images": 2, "refs": refs}

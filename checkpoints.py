@@ -1,0 +1,222 @@
+"""What a run folder holds and how it is written: ckpt.pt (weights, optimizer, position, every random state),
+model.safetensors and best.safetensors, written atomically so that a crash at any moment leaves the old file or
+the new one; and resuming from them bitwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+if TYPE_CHECKING:  # annotations only
+    from prompt_ris import PromptRIS
+    from runtime import Processes, RunLog
+    from train import TrainConfig
+
+
+@dataclass
+class TrainState:
+    """Where the run is: what a checkpoint stores besides weights, optimizer and RNG states."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    untrained: dict | None = None  # val metrics before training (fresh runs)
+    last_saved: int = 0
+    best: dict | None = None  # the best validation so far (--keep-best): {"step", "metric", "score", "expressions"}
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+
+
+def write_then_rename(path: str, write) -> None:
+    """write(f) into `path`.tmp<pid>, then os.replace: readers see the whole file or none. No fsync: after a
+    crash a cache file is at worst missing (recomputed), and a leftover .tmp file is never read."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace: a crash at any moment leaves
+    either the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random state of this process: python, numpy, torch CPU (Gumbel noise, prompt dropout), and its
+    own GPU's only (a list of one, or empty), so that a run resumes on a machine with fewer GPUs."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and device.type == "cuda":  # checkpoints before this format hold every GPU's state: take ours
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index], device)
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device):
+    """Validation in the middle of training must not shift the training's random streams."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, procs: Processes,
+                    tc: TrainConfig) -> None:
+    """ckpt.pt with the unwrapped module (no DDP / compile prefixes) and every rank's RNG state."""
+    states = [None] * procs.world
+    if procs.ddp:
+        dist.all_gather_object(states, rng_state(procs.device))
+    else:
+        states = [rng_state(procs.device)]
+    if procs.master:
+        atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
+            "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
+            "train_config": asdict(tc)}, f))
+    state.last_saved = state.step
+
+
+def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str) -> TrainState:
+    """Weights, optimizer, position and this rank's RNG state from a checkpoint of the same model and world."""
+    path = os.path.join(out, "ckpt.pt")
+    if ckpt["model_config"] != model.config.to_dict():
+        differ = sorted(k for k, v in model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
+        raise CheckpointError(f"{path}: saved for a different model (config keys {differ} differ from the flags)")
+    if len(ckpt["rng"]) != procs.world:
+        raise CheckpointError(f"{path}: written by {len(ckpt['rng'])} processes, resumed with {procs.world}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][procs.rank], procs.device)
+    if procs.master:  # log lines after the checkpoint belong to the lost part of the run
+        _truncate_log(os.path.join(out, "log.jsonl"), ckpt["step"])
+    return TrainState(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["untrained"], ckpt["step"],
+                      ckpt.get("best"))  # checkpoints written before --keep-best have none
+
+
+CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "model_config", "train_config")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with weights_only (plain tensors and containers, no code), or a CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, garbage bytes, foreign pickle
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e}). Checkpoints "
+                              "are replaced atomically, so this file was damaged after it was written; "
+                              "delete it to start over") from e
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint, missing {missing}")
+    return ckpt
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+
+
+def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) -> None:
+    """model.safetensors (or best.safetensors): the full PromptRIS state dict (CLIP and SAM included), for
+    eval.load_run; `metadata` {str: str} goes into the file's header."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: f.write(safetensors_bytes(state, metadata)))
+
+
+BEST_WEIGHTS = "best.safetensors"  # train.py --keep-best: the weights of the run's best validation
+
+
+def read_best(path: str) -> dict | None:
+    """The record {"step", "metric", "score", "expressions"} that train.py writes into best.safetensors' header."""
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return json.loads(metadata["best"]) if "best" in metadata else None
+
+
+def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfig, log: "RunLog") -> None:
+    """best.safetensors beside model.safetensors when this validation's --keep-best score beats every earlier
+    validation of the run's final output (untrained and stage-1 scores excluded), the checkpoint LAVT, CGFormer
+    and CRIS report. Its record {"step", "metric", "score", "expressions"} goes into TrainState and the file."""
+    score = metrics[tc.keep_best] if tc.keep_best != "none" else None
+    if score is None or (state.best is not None and not score > state.best["score"]):  # ties keep the earlier
+        return
+    best = {"step": state.step, "metric": tc.keep_best, "score": score, "expressions": metrics["n"]}
+    if log.master:  # every rank validated (the same gathered metrics); one writes
+        save_run_model(model, os.path.join(tc.out, BEST_WEIGHTS), metadata={"best": json.dumps(best)})
+    state.best = best
+    log(f"step {state.step}: best val {tc.keep_best} so far ({best['score']:.2f}), saved as {BEST_WEIGHTS}")
+
+
+def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | None:
+    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written at the
+    checkpoint's step (its validation follows the save) or after it (in the part of the run now replayed): then
+    the file's own record, so the record always describes the file. None when --keep-best now names another
+    score (a none run also drops the file, which eval.py would otherwise take)."""
+    path = os.path.join(tc.out, BEST_WEIGHTS)
+    on_disk = read_best(path) if os.path.isfile(path) else None
+    best = on_disk if on_disk is not None and on_disk["step"] >= state.step else state.best
+    if best is not None and best["metric"] != tc.keep_best:
+        log(f"--keep-best {tc.keep_best}: the run kept its best by {best['metric']} so far; that record is dropped")
+        if tc.keep_best == "none" and log.master:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return None
+    return best

@@ -1,0 +1,349 @@
+"""What train.py runs on, beside the method: the inputs a run checks before any work, numeric flag ranges, processes
+and devices (DDP under torchrun, autocast), the guards of a training step (out of memory, non-finite values, the
+mean over ranks) and the run log (train.log, log.jsonl, config.json, curves.png).
+
+Nothing here is in the paper; train.py imports it, never the reverse.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoints import BEST_WEIGHTS, atomic_write
+from viz import draw_curves
+
+if TYPE_CHECKING:  # annotations only
+    from checkpoints import TrainState
+    from prompt_ris import PromptRIS
+    from train import Schedule, TrainConfig
+
+
+HOW_TO_GET = {
+    "clip_weights": "run `python load_weights.py download clip` (OpenAI's ViT-B-16.pt, SHA-256 checked, converted; "
+                    "it prints the path), or pass Hugging Face's openai/clip-vit-base-patch16 model.safetensors",
+    "sam_weights": "run `python load_weights.py download sam` (segment-anything's sam_vit_b_01ec64.pth, converted; "
+                   "it prints the path), or pass Hugging Face's facebook/sam-vit-base model.safetensors",
+    "vocab": "run `python load_weights.py download vocab` (OpenAI's bpe_simple_vocab_16e6.txt.gz), or pass a "
+             "Hugging Face vocab.json with merges.txt beside it",
+    "data_root": "run `python data.py download --data-root DATA_ROOT --images` (the refer annotations and COCO "
+                 "train2014 in the refer layout; --from DIR takes zips fetched by hand)",
+}
+
+
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "synth": "unc"}
+
+
+def dataset_specs(names: str) -> list[tuple[str, str]]:
+    """'refcoco,refcocog:google' -> [('refcoco', 'unc'), ('refcocog', 'google')]."""
+    specs = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        dataset, _, split_by = name.partition(":")
+        if not split_by and dataset not in DEFAULT_SPLIT_BY:
+            raise ValueError(f"--datasets: no default split for '{dataset}'; write it as {dataset}:SPLIT_BY")
+        specs.append((dataset, split_by or DEFAULT_SPLIT_BY[dataset]))
+    if not specs:
+        raise ValueError("--datasets is empty")
+    return specs
+
+
+def check_inputs(tc: TrainConfig) -> None:
+    """Fail before any work if a file the run needs is missing; the message says how to get it."""
+    if tc.config == "paper" and not (tc.clip_weights and tc.sam_weights and tc.data_root):
+        missing = [f"--{k.replace('_', '-')}" for k in ("clip_weights", "sam_weights", "data_root")
+                   if not getattr(tc, k)]
+        raise ValueError(f"--config paper needs {', '.join(missing)}: "
+                         + "; ".join(HOW_TO_GET[k] for k in ("clip_weights", "sam_weights", "data_root")
+                                     if not getattr(tc, k))
+                         + ". Without them run the demo (`python train.py`).")
+    if tc.resume and not os.path.isfile(os.path.join(tc.out, "ckpt.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(tc.out, 'ckpt.pt')}; "
+                                "start without --resume")
+    for key in ("clip_weights", "sam_weights"):
+        path = getattr(tc, key)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file; {HOW_TO_GET[key]}")
+    if tc.vocab is not None and not os.path.exists(tc.vocab):
+        raise FileNotFoundError(f"--vocab {tc.vocab}: no such file; {HOW_TO_GET['vocab']}")
+    specs = dataset_specs(tc.datasets) + dataset_specs(tc.val_dataset)
+    if all(name == "synth" for name, _ in specs):
+        return  # the built-in data is written when absent
+    root = tc.data_root or ""
+    for name, split_by in specs:
+        folder = os.path.join(root, name)
+        refs = [os.path.join(folder, f"refs({split_by}).{ext}") for ext in ("p", "json")]
+        needed = [" or ".join(refs)] if not any(map(os.path.isfile, refs)) else []
+        needed += [p for p in [os.path.join(folder, "instances.json")] if not os.path.isfile(p)]
+        if needed:
+            raise FileNotFoundError(f"--data-root {root}: missing {'; '.join(needed)}; {HOW_TO_GET['data_root']}")
+
+
+@dataclass
+class Processes:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(tc: TrainConfig) -> Processes:
+    """One process per GPU under torchrun (NCCL on cuda:LOCAL_RANK; gloo on CPU), else a single process."""
+    under_torchrun = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if under_torchrun:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device)
+    if device.type == "cuda":
+        device = cuda_device(device, under_torchrun, local_rank)
+        torch.cuda.set_device(device)  # before NCCL starts, so its communicator lives on this GPU
+        # TF32 tensor cores for float32 matmuls. What must stay exact is not rounded: SAM's positional encodings
+        # are computed where the weights load (CPU) and cached, Eq. (3) reads E's row without a matmul
+        torch.set_float32_matmul_precision("high")
+    if under_torchrun:
+        # long timeout: a rank that finishes its validation shard early waits for the others in a collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device if device.type == "cuda" else None)
+    if tc.images_per_batch % world:
+        raise ValueError(f"--images-per-batch {tc.images_per_batch} must be divisible by the {world} processes")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # AdamW's second moments of rarely used rows decay into slow denormals
+    return Processes(rank, local_rank, world, device)
+
+
+def cuda_device(asked: torch.device, under_torchrun: bool, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun (an explicit index there is an error), else the GPU asked for."""
+    if under_torchrun and asked.index is not None:
+        raise ValueError(f"--device {asked}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                         "(or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", local_rank if under_torchrun else (asked.index or 0))
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+                         + (f" (LOCAL_RANK={local_rank}: start at most that many processes per node)"
+                            if under_torchrun else ""))
+    return device
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device):
+    """bfloat16 where it runs natively (or when asked), else None = float32 without autocast.
+    auto: bfloat16 on a GPU with bfloat16 support (torch.cuda.is_bf16_supported()), float32 elsewhere."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if tc.dtype == "bfloat16" and device.type == "cuda" and not bf16_gpu:
+        raise ValueError(f"--dtype bfloat16: {device} does not support bfloat16; use --dtype float32 (or auto)")
+    return torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and bf16_gpu) else None
+
+
+def describe_dtype(tc: TrainConfig, device: torch.device, amp_dtype) -> str:
+    """What the run header says about precision, and why when auto fell back to float32 on a GPU."""
+    if amp_dtype is not None:
+        return f"autocast {amp_dtype}"
+    if tc.dtype == "auto" and device.type == "cuda":
+        return "float32: this GPU does not support bfloat16 (torch.cuda.is_bf16_supported() is False)"
+    return "float32"
+
+
+def autocast(device: torch.device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def wrap_model(raw_model: PromptRIS, tc: TrainConfig, procs: Processes):
+    """torch.compile and DDP around the model; the unwrapped raw_model is what checkpoints hold."""
+    model = torch.compile(raw_model) if tc.compile else raw_model
+    if procs.ddp:  # unused parameters: SAM's side in stage 1, a dropped prompt type in stage 2
+        model = DDP(model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
+                    find_unused_parameters=True,
+                    broadcast_buffers=False)  # the buffers (E table, SAM constants) never change: no 64 MiB per step
+    return model
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(procs: Processes) -> None:
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """{"peak_memory_mb": peak GPU memory allocated by tensors, "peak_reserved_mb": held by the caching
+    allocator (what nvidia-smi shows)}, since reset_peak_memory; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Training's peak, not the untrained validation's (its batches are whole images' sentences)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def loader_workers(tc: TrainConfig, device: torch.device) -> int:
+    """--num-workers, auto (-1): 0 on CPU, where a worker takes cores from the model; on CUDA, enough
+    processes to decode and resize a paper batch faster than a step (README, "Memory and time")."""
+    if tc.num_workers >= 0:
+        return tc.num_workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+class OutOfMemory(MemoryError):
+    """The device ran out of memory in a training step; the message says what lowers memory."""
+
+
+def out_of_memory_message(state: TrainState, micro_batches: list[dict], tc: TrainConfig, procs: Processes,
+                          amp_dtype, kept: str) -> str:
+    """One paragraph: where it happened, the memory in use, and the flags that lower it."""
+    if procs.device.type == "cuda":
+        gib = [torch.cuda.memory_allocated(procs.device) / 2**30, torch.cuda.memory_reserved(procs.device) / 2**30,
+               torch.cuda.get_device_properties(procs.device).total_memory / 2**30]
+        in_use = f"{gib[0]:.1f} GiB allocated by tensors, {gib[1]:.1f} GiB reserved by PyTorch, of {gib[2]:.1f} GiB"
+    else:
+        in_use = f"peak resident memory {peak_memory_mb(procs.device)['peak_memory_mb'] / 1024:.1f} GiB"
+    chunk = max(len(b["clip_images"]) for b in micro_batches)
+    lower = []
+    if chunk > 1:
+        lower.append(f"--micro-batch {chunk // 2} (the same gradient from smaller forward passes)")
+    if not tc.grad_checkpoint:
+        lower.append("--grad-checkpoint (CLIP's activations recomputed in backward)")
+    if amp_dtype != torch.bfloat16:
+        lower.append("--dtype bfloat16 (half the activation memory)")
+    if not tc.cache_sam:
+        lower.append("--cache-sam DIR (a frozen SAM's image embeddings read from disk)")
+    return (f"step {state.step + 1}: out of memory on {procs.device} ({in_use}) running {chunk} images x "
+            f"{tc.sentences_per_image} sentences per forward pass. Lower the memory with "
+            f"{', '.join(lower) or 'fewer --images-per-batch'}; see the README, 'Memory and time on one GPU'. "
+            f"Stopped before the update, {kept}.")
+
+
+def mean_over_ranks(terms: dict, procs: Processes) -> dict:
+    """{name: float} of the loss terms, averaged over the DDP ranks in one all_reduce."""
+    values = torch.stack([v.detach().float() for v in terms.values()])
+    if procs.ddp:
+        dist.all_reduce(values)  # sum (gloo has no average)
+        values /= procs.world
+    return dict(zip(terms, values.tolist()))
+
+
+def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
+    """A NaN or inf loss term (checked first, "loss" last) or gradient norm stops every rank at once."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
+        raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
+                                 f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} "
+                                 f"(step {state.last_saved})")
+
+
+def gather_metrics(metrics, procs: Processes):
+    """Every rank's RISMetrics (per-expression integer pixel counts and ids, a few MB) merged on every rank."""
+    if not procs.ddp:
+        return metrics
+    parts = [None] * procs.world
+    dist.all_gather_object(parts, metrics)
+    return parts[0].merge(parts[1:])
+
+
+class RunLog:
+    def __init__(self, out: str, master: bool, fresh: bool):
+        self.out, self.master = out, master
+        self.started = self.t_log = time.time()
+        self.run_config: dict = {}  # config.json
+        self.images_since_log, self.wait_since_log = 0, 0.0
+        os.makedirs(out, exist_ok=True)
+        if master and fresh:  # a fresh run in an old directory starts fresh logs
+            for name in ("train.log", "log.jsonl", "metrics.json", "curves.png", BEST_WEIGHTS):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+
+    def __call__(self, message: str) -> None:
+        if self.master:
+            tqdm.write(message)
+            with open(os.path.join(self.out, "train.log"), "a") as f:
+                f.write(message + "\n")
+
+    def json(self, record: dict) -> None:
+        if self.master:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def curves(self) -> None:
+        """curves.png: every loss term and val mIoU against the step, redrawn from log.jsonl."""
+        if self.master:
+            draw_curves(os.path.join(self.out, "log.jsonl"), os.path.join(self.out, "curves.png"))
+
+    def run_header(self, tc: TrainConfig, model: PromptRIS, train_towers: bool, procs: Processes, amp_dtype) -> None:
+        """What runs where, what trains, and config.json (the model config, vocabulary and every flag)."""
+        self(f"{'resuming' if tc.resume else 'starting'} {tc.config} run in {tc.out} on {procs.device} x "
+             f"{procs.world} ({describe_dtype(tc, procs.device, amp_dtype)})")
+        self(f"trainable parameters: {model.count_parameters():,} of {model.count_parameters(False):,}")
+        self("CLIP and SAM towers are trained too: no official weights were given and frozen random towers learn "
+             "nothing" if train_towers else "CLIP and SAM towers are frozen (§4.2); CMP, the decoder and the text "
+                                            "prompter train")
+        self.run_config = {"model": model.config.to_dict(), "vocab": tc.vocab, "train": asdict(tc)}
+        self.write_config()
+
+    def write_config(self) -> None:
+        if self.master:
+            atomic_write(os.path.join(self.out, "config.json"),
+                         lambda f: f.write(json.dumps(self.run_config, indent=1).encode()))
+
+    def held_out(self, report: dict) -> None:
+        """build_data's hold-out report (§4.2) per training set, in train.log and config.json ("held_out")."""
+        for name, c in report.items():
+            removed = ", ".join(f"{n['images']} images / {n['refs']} refs ({reason})"
+                                for reason, n in c["removed"].items())
+            self(f"{name} train: {c['images']} images, {c['refs']} refs; held out {removed}; trained on "
+                 f"{c['kept']['images']} images, {c['kept']['refs']} refs")
+            for reason, n in c.get("not_held_out", {}).items():
+                self(f"{name} train: {n['images']} images / {n['refs']} refs of {reason} are trained on "
+                     f"(--no-hold-out-other-partition): a score on that partition is not held out")
+        self.run_config["held_out"] = report
+        self.write_config()
+
+    def step(self, pbar, state: TrainState, values: dict, lr: float, stage: int, step_s: float, wait_s: float,
+             tc: TrainConfig, schedule: Schedule) -> None:
+        """The progress bar every step, a log.jsonl record every --log-every steps ("data_wait": the fraction
+        of the time since the last record spent waiting for the loader)."""
+        self.images_since_log += tc.images_per_batch
+        self.wait_since_log += wait_s
+        if self.master:
+            pbar.update(1)
+            pbar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {
+                "lr": f"{lr:.2e}", "stage": stage, "img/s": significant(tc.images_per_batch / step_s)})
+        if state.step % tc.log_every == 0 or state.step == schedule.max_steps:
+            now = time.time()
+            self.json({"step": state.step, "epoch": state.epoch, "stage": stage, "lr": lr, **values,
+                       "images_per_s": self.images_since_log / (now - self.t_log),
+                       "data_wait": self.wait_since_log / (now - self.t_log), "elapsed_s": now - self.started})
+            self.t_log, self.images_since_log, self.wait_since_log = now, 0, 0.0
+
+
+def significant(x: float, digits: int = 2) -> str:
+    """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
+    return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
