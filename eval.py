@@ -49,6 +49,7 @@ from clip_vit import Tokenizer, cut_tokens
 from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
+from runtime import NumberRange
 from sam import SAM_MEAN, SAM_STD
 from viz import DISPLAY_SIDE, render_panel
 
@@ -404,35 +405,6 @@ def predict_image(model: PromptRIS, tokenizer: Tokenizer, image: Image.Image, te
 # ---------------------------------------------------------------------------------------------
 # Command line: flag values, the data to evaluate, the printed table
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NumberRange:
-    """argparse `type=` of a numeric flag: a value that is not a number, not finite or outside the range is a
-    one-line usage error naming the flag (exit code 2), never a traceback later in the run."""
-    kind: type = int
-    min: float | None = None  # inclusive bounds
-    max: float | None = None
-    above: float | None = None  # exclusive bounds
-    below: float | None = None
-
-    def __str__(self) -> str:
-        bounds = [f"{op} {v}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max), ("<", self.below))
-                  if v is not None]
-        return ("an integer" if self.kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
-
-    def __contains__(self, value) -> bool:
-        return (not (isinstance(value, float) and not math.isfinite(value))  # inf passes a lower bound
-                and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
-
-    def __call__(self, text: str):
-        try:
-            value = self.kind(text)
-        except ValueError:
-            value = math.nan
-        if value not in self:
-            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
-        return value
 
 
 TABLE_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "ImgAcc", "InstAcc")

@@ -6,6 +6,7 @@ Nothing here is in the paper; train.py imports it, never the reverse.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -87,6 +88,36 @@ def check_inputs(tc: TrainConfig) -> None:
         needed += [p for p in [os.path.join(folder, "instances.json")] if not os.path.isfile(p)]
         if needed:
             raise FileNotFoundError(f"--data-root {root}: missing {'; '.join(needed)}; {HOW_TO_GET['data_root']}")
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    """argparse `type=` of a numeric flag: a value that is not a number, not finite or outside the range is a
+    one-line usage error naming the flag (exit code 2), never a traceback later in the run."""
+    kind: type = int
+    min: float | None = None  # inclusive bounds
+    max: float | None = None
+    above: float | None = None  # exclusive bounds
+    below: float | None = None
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {v}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max), ("<", self.below))
+                  if v is not None]
+        return ("an integer" if self.kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
+
+    def __contains__(self, value) -> bool:
+        return (not (isinstance(value, float) and not math.isfinite(value))  # inf passes a lower bound
+                and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = math.nan
+        if value not in self:
+            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
+        return value
 
 
 @dataclass

@@ -45,11 +45,11 @@ import synth
 from checkpoints import (BEST_WEIGHTS, TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
                          save_checkpoint, save_run_model, seed_everything)
 from clip_vit import Tokenizer
-from eval import NumberRange, evaluate
+from eval import evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
-from runtime import (OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs, dataset_specs,
+from runtime import (NumberRange, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs, dataset_specs,
                      gather_metrics, loader_workers, mean_over_ranks, out_of_memory_message, peak_memory_mb,
                      reset_peak_memory, setup_processes, shutdown, stop_if_not_finite, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings

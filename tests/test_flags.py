@@ -6,6 +6,7 @@ work and without a traceback, instead of a ZeroDivisionError or a silent empty r
 import pytest
 
 import eval as ris_eval
+import runtime
 import train
 
 PARSERS = {"train.py": (train.build_parser(train.PRESETS["demo"]), train.main),
@@ -14,10 +15,10 @@ PARSERS = {"train.py": (train.build_parser(train.PRESETS["demo"]), train.main),
 
 def numeric_flags(parser):
     """(flag, NumberRange) of every option whose value is converted to a number."""
-    return [(a.option_strings[0], a.type) for a in parser._actions if isinstance(a.type, ris_eval.NumberRange)]
+    return [(a.option_strings[0], a.type) for a in parser._actions if isinstance(a.type, runtime.NumberRange)]
 
 
-def bad_values(allowed: ris_eval.NumberRange) -> list[str]:
+def bad_values(allowed: runtime.NumberRange) -> list[str]:
     """A non-number, and each bound's first value outside it."""
     values = ["ten", "nan"] + ([str(allowed.min - 1)] if allowed.min is not None else [])
     values += [str(v) for v in (allowed.above, allowed.below) if v is not None]
