@@ -10,10 +10,13 @@ Our modules use the original names, so the original files load with a plain stri
     python load_weights.py inspect FILE.safetensors
 """
 import argparse
+import ast
 import hashlib
 import http.client
+import io
 import math
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -477,6 +480,191 @@ def download_official(kind: str, out_dir, url: str | None = None, sha256: str | 
     return converted
 
 
+# ---- OpenAI's TorchScript archive, read without running it ----
+#
+# OpenAI ships CLIP as a TorchScript archive: a zip whose one folder holds data.pkl (a pickle of the module
+# objects, each tensor a reference to a storage record), data/<key> (the raw bytes of each storage) and
+# code/ (each class's TorchScript source). torch.jit.load compiles that source and runs it (a class's
+# __setstate__ runs while loading), so a crafted archive would run its own code. Here data.pkl is read by an
+# unpickler that imports nothing and calls only the handful of functions below, and the source is parsed,
+# never run, for what torch.jit.load takes from it: which attributes are parameters and buffers.
+
+# storage type in data.pkl -> dtype (the types torch.save and torch.jit.save write for real and bool tensors)
+_STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
+    ("Double", torch.float64), ("Float", torch.float32), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool))}
+
+
+class _ScriptObject:
+    """Stands in for an object of a TorchScript class (`__torch__.…`), whose own code is never imported or
+    run: pickle's BUILD hands the stored attributes (name -> value) to this __setstate__, which keeps them."""
+    qualified_name: str  # `__torch__.torch.nn.modules.linear.Linear`: find_class makes one subclass per name
+
+    def __setstate__(self, state):
+        self.attributes = state
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """data.pkl -> a tree of _ScriptObject holding tensors. Every callable a pickle can reach goes through
+    find_class (GLOBAL, STACK_GLOBAL and the copyreg EXT opcodes), so its whitelist is all that can run."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str, path: str):
+        super().__init__(io.BytesIO(archive.read(folder + "data.pkl")))
+        self.archive, self.folder, self.path = archive, folder, path
+        self.storages = {}  # key -> flat tensor: tied weights refer to one storage twice
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return type(name, (_ScriptObject,), {"qualified_name": f"{module}.{name}"})
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a dtype names the storage's element type and cannot be called
+        allowed = {
+            ("torch._utils", "_rebuild_tensor_v2"): self._tensor,
+            ("collections", "OrderedDict"): dict,  # a tensor's backward hooks: empty, and dropped
+            # type tags and typed lists of TorchScript containers: the plain value is what matters here
+            ("torch.jit._pickle", "restore_type_tag"): self._container,
+            **{("torch.jit._pickle", f"build_{kind}list"): self._container
+               for kind in ("int", "double", "bool", "tensor")},
+        }
+        if (module, name) not in allowed:
+            raise WeightsError(f"{self.path}: refuses to load global '{module}.{name}' (not plain weights)")
+        return allowed[module, name]
+
+    def persistent_load(self, pid):
+        """('storage', dtype, key, location, numel) -> the storage's elements as a flat CPU tensor."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and _naturals((pid[4],))):
+            raise WeightsError(f"{self.path}: malformed storage reference {str(pid)[:80]}")
+        _, dtype, key, _, numel = pid  # the location (cpu, cuda:0) is ignored: everything is read to the CPU
+        if key not in self.storages:
+            self.storages[key] = self._read_storage(f"{self.folder}data/{key}", dtype, numel)
+        storage = self.storages[key]
+        if (storage.dtype, storage.numel()) != (dtype, numel):
+            raise WeightsError(f"{self.path}: storage '{key}' is referred to as {numel} x {dtype} and as "
+                               f"{storage.numel()} x {storage.dtype}")
+        return storage
+
+    def _read_storage(self, record: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if record not in self.archive.NameToInfo:
+            raise WeightsError(f"{self.path}: no storage record '{record}'")
+        size = self.archive.getinfo(record).file_size  # checked before reading: a wrong count reads nothing
+        if size != numel * dtype.itemsize:
+            raise WeightsError(f"{self.path}: storage record '{record}' holds {size} bytes, "
+                               f"not {numel} x {dtype} ({numel * dtype.itemsize} bytes)")
+        if numel == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(bytearray(self.archive.read(record)), dtype=dtype)
+
+    def _tensor(self, storage, offset, size, stride, *training_state):
+        """torch._utils._rebuild_tensor_v2's arguments -> a view of the storage. The rest (requires_grad,
+        backward hooks, metadata) is training state, not weights, and is dropped."""
+        if not (isinstance(storage, torch.Tensor) and _naturals((offset,)) and _naturals(size)
+                and _naturals(stride) and len(size) == len(stride)):
+            raise WeightsError(f"{self.path}: malformed tensor record (offset {offset!r}, size {size!r}, "
+                               f"stride {stride!r})")
+        end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset
+        if end > storage.numel():
+            raise WeightsError(f"{self.path}: a tensor of size {tuple(size)}, stride {tuple(stride)} at offset "
+                               f"{offset} reaches past its storage of {storage.numel()} elements")
+        return storage.as_strided(size, stride, offset)
+
+    def _container(self, value, *type_tag):
+        return value
+
+
+def _naturals(values) -> bool:
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+
+class _ClassSources:
+    """What the archive's TorchScript source declares about each class, from its syntax tree (never run)."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str, path: str):
+        self.archive, self.folder, self.path = archive, folder, path
+        self.files = {}  # qualifier (`__torch__.torch.nn.modules.linear`) -> {class name: ast.ClassDef}
+
+    def find(self, qualified_name: str) -> ast.ClassDef:
+        """The class `a.b.C` is defined in code/a/b.py, as torch.jit.load looks for it."""
+        qualifier, _, name = qualified_name.rpartition(".")
+        if qualifier not in self.files:
+            record = f"{self.folder}code/{qualifier.replace('.', '/')}.py"
+            if record not in self.archive.NameToInfo:
+                raise WeightsError(f"{self.path}: no source '{record}' for class '{qualified_name}'")
+            tree = ast.parse(self.archive.read(record).decode("utf-8"), record)
+            self.files[qualifier] = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        if name not in self.files[qualifier]:
+            raise WeightsError(f"{self.path}: class '{qualified_name}' is not defined in its source")
+        return self.files[qualifier][name]
+
+    def is_module(self, obj) -> bool:
+        return isinstance(obj, _ScriptObject) and any(
+            isinstance(base, ast.Name) and base.id == "Module" for base in self.find(obj.qualified_name).bases)
+
+    def weights(self, obj: _ScriptObject) -> tuple:
+        """(parameter names, buffer names) a module class declares (`__parameters__ = ["weight", ]`)."""
+        node = self.find(obj.qualified_name)
+        if any(isinstance(s, ast.FunctionDef) and s.name == "__setstate__" for s in node.body):
+            raise WeightsError(f"{self.path}: class '{obj.qualified_name}' restores its attributes with its own "
+                               "__setstate__ code, which is not run (not plain weights)")
+        names = _declared_names(node, "__parameters__"), _declared_names(node, "__buffers__")
+        if not all(isinstance(n, list) and all(isinstance(s, str) for s in n) for n in names):
+            raise WeightsError(f"{self.path}: class '{obj.qualified_name}' declares its parameters or buffers "
+                               "as something other than a list of names")
+        return names
+
+
+def _declared_names(node: ast.ClassDef, key: str):
+    for statement in node.body:
+        if isinstance(statement, ast.Assign) and [getattr(t, "id", None) for t in statement.targets] == [key]:
+            return ast.literal_eval(statement.value)
+    return []
+
+
+def _module_state(module: _ScriptObject, sources: _ClassSources, path: str, prefix: str = "") -> dict:
+    """What torch.jit.load(path).state_dict() holds: a module's parameters, then its buffers (each in
+    attribute order, None left out), then each submodule's under `name.`."""
+    weights = sources.weights(module)
+    attributes = getattr(module, "attributes", None)
+    if not isinstance(attributes, dict):
+        raise WeightsError(f"{path}: module '{module.qualified_name}' was stored without its attributes")
+    state = {}
+    for names in weights:
+        for name, value in attributes.items():
+            if name in names and value is not None:
+                if not isinstance(value, torch.Tensor):
+                    raise WeightsError(f"{path}: '{prefix}{name}' is declared a tensor but holds a "
+                                       f"{type(value).__name__}")
+                state[prefix + name] = value
+    for name, value in attributes.items():
+        if sources.is_module(value):
+            state.update(_module_state(value, sources, path, f"{prefix}{name}."))
+    return state
+
+
+def read_torchscript(path) -> dict:
+    """The state dict torch.jit.load(path).state_dict() gives, read without running any of the archive's
+    code; WeightsError for anything that is not plain weights (a foreign global, a class with its own
+    __setstate__, a storage record of the wrong size)."""
+    path = os.fspath(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            folders = {name.split("/", 1)[0] for name in archive.namelist()}
+            if len(folders) != 1:
+                raise WeightsError(f"{path}: a TorchScript archive holds one folder, this one {len(folders)}")
+            folder = folders.pop() + "/"
+            if folder + "byteorder" in archive.NameToInfo and archive.read(folder + "byteorder") != b"little":
+                raise WeightsError(f"{path}: tensors stored big-endian; only little-endian archives are read")
+            root = _TorchScriptUnpickler(archive, folder, path).load()
+            if not isinstance(root, _ScriptObject):
+                raise WeightsError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
+            return _module_state(root, _ClassSources(archive, folder, path), path)
+    except WeightsError:
+        raise
+    except Exception as e:  # a damaged zip, pickle or source: BadZipFile, UnpicklingError, SyntaxError, ...
+        raise WeightsError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {e})") from e
+
+
 # ---- command line ----
 
 _VIT_SIZES = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
@@ -484,17 +672,18 @@ _VIT_SIZES = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
 
 def read_original(path) -> dict:
     """Tensors of an original checkpoint: a pickled state dict (`.pth`, loaded with weights_only=True)
-    or a TorchScript archive (OpenAI's CLIP `.pt`), recognised by its `constants.pkl` entry."""
+    or a TorchScript archive (OpenAI's CLIP `.pt`, recognised by its `constants.pkl` entry), whose
+    tensors read_torchscript reads without running the archive's code."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        if _is_torchscript(path):
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
+    if _is_torchscript(path):
+        state = read_torchscript(path)
+    else:
+        try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for unreadable files
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for unreadable files
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("model", "state_dict"):
         state = next(iter(state.values()))  # training checkpoints wrap the weights
     if not isinstance(state, dict):
