@@ -1,4 +1,18 @@
-"""COCO masks and the refer-API files on disk, read safely and checked field by field (from data.py)."""
+"""The files RefCOCO, RefCOCO+ and G-Ref come as, read safely and checked: machinery beside data.py.
+
+None of this is in the paper; data.py, which holds what is (the records' meaning, the training set,
+the sampler), imports it, and this file imports no method file.
+
+1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
+   identical to pycocotools (its polygon rasterizer is re-derived below in numpy), so ground truth
+   and IoU match every other RIS codebase without a compiled dependency.
+2. The refer layout on disk: where a dataset's refs file and its COCO images lie (`has_refs`,
+   `read_refs_file`, `find_image_dir`); fetch.py unpacks the downloads into this layout.
+3. Untrusted files: the refs files are Python 2 pickles from the refer API, so they are unpickled
+   into plain data only (`UnsafePickleError` for anything that could run code); JSON and every
+   field data.py reads are checked (`check_fields`), so a bad file fails naming the file and the
+   record instead of deep inside training.
+"""
 from __future__ import annotations
 
 import io
@@ -184,12 +198,51 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
                      f"got {type(segmentation).__name__}")
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. The refer layout on disk
+# ---------------------------------------------------------------------------------------------
+# DATA_ROOT/<dataset>/refs(<split_by>).p (or .json) and instances.json; COCO train2014 images in the
+# first of these folders that exists (else DATA_ROOT/<dataset>/images/). data.load_refs reads this
+# layout, fetch.download_refer fills it.
 
 IMAGE_DIR_CANDIDATES = (
     ("images", "train2014"),
     ("images", "mscoco", "images", "train2014"),  # the refer API's own layout
 )
 
+
+def find_image_dir(data_root: str, dataset: str) -> str:
+    """First existing image folder among the documented layouts (the first one if none exists)."""
+    candidates = [os.path.join(data_root, *parts) for parts in IMAGE_DIR_CANDIDATES]
+    candidates.append(os.path.join(data_root, dataset, "images"))
+    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
+
+
+def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
+    """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
+    return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
+
+
+def read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
+    """Raw ref records from refs(<split_by>).json (preferred: no unpickling) or .p."""
+    folder = os.path.join(data_root, dataset)
+    json_path = os.path.join(folder, f"refs({split_by}).json")
+    pickle_path = os.path.join(folder, f"refs({split_by}).p")
+    if os.path.isfile(json_path):
+        path, records = json_path, load_json(json_path)
+    elif os.path.isfile(pickle_path):
+        path, records = pickle_path, _load_plain_pickle(pickle_path)
+    else:
+        raise FileNotFoundError(f"no refs file for {dataset} ({split_by}): looked for "
+                                f"{pickle_path} and {json_path}")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of ref records, got {type(records).__name__}")
+    return records, path
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Untrusted files: plain-data pickles, JSON, field checks
+# ---------------------------------------------------------------------------------------------
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -257,32 +310,3 @@ def check_fields(record, fields: dict, where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, "
                              f"got {type(value).__name__}")
-
-
-def find_image_dir(data_root: str, dataset: str) -> str:
-    """First existing image folder among the documented layouts (the first one if none exists)."""
-    candidates = [os.path.join(data_root, *parts) for parts in IMAGE_DIR_CANDIDATES]
-    candidates.append(os.path.join(data_root, dataset, "images"))
-    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
-
-
-def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
-    """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
-    return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
-
-
-def read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
-    """Raw ref records from refs(<split_by>).json (preferred: no unpickling) or .p."""
-    folder = os.path.join(data_root, dataset)
-    json_path = os.path.join(folder, f"refs({split_by}).json")
-    pickle_path = os.path.join(folder, f"refs({split_by}).p")
-    if os.path.isfile(json_path):
-        path, records = json_path, load_json(json_path)
-    elif os.path.isfile(pickle_path):
-        path, records = pickle_path, _load_plain_pickle(pickle_path)
-    else:
-        raise FileNotFoundError(f"no refs file for {dataset} ({split_by}): looked for "
-                                f"{pickle_path} and {json_path}")
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of ref records, got {type(records).__name__}")
-    return records, path

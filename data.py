@@ -2,33 +2,40 @@
 
 Sections, in the order a reader meets them:
 
-1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
-   identical to pycocotools (its polygon rasterizer is re-derived below in numpy).
-2. Referring records: `load_refs` reads the refer-API layout every RIS codebase uses,
+1. Referring records: `load_refs` reads one dataset of the refer-API layout every RIS codebase uses,
        DATA_ROOT/{refcoco,refcoco+,refcocog}/refs(unc).p | refs(umd).p | refs(google).p
        DATA_ROOT/{refcoco,refcoco+,refcocog}/instances.json
    (or `refs(<split_by>).json`, a JSON list of the same records), with COCO train2014 images
    looked up in DATA_ROOT/images/train2014/, DATA_ROOT/images/mscoco/images/train2014/ (the refer
-   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first.
-3. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
-4. Datasets: `RefTrainSet` (one image with b sentences, for instance contrastive learning, §3.3)
-   and `RefEvalSet` (one image with all its sentences of a split); `collate` builds the batch
-   dict of CONTRACT.md.
-5. `download_refer`: the refer annotation zips (from their mirrors) and COCO train2014, unpacked
-   into that layout.
-6. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
+   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first. EVAL_SPLITS names the
+   splits each benchmark reports (§4.1), OV_SEEN_CATEGORIES / OV_UNSEEN_CATEGORIES the
+   open-vocabulary setting (Table 2).
+2. The training set (§4.2): `combine_for_training` joins RefCOCO, RefCOCO+ and G-Ref and removes
+   every image of their val/test splits (`eval_image_ids`; `hold_out_counts` says what that costs).
+3. Datasets (§3.3): `RefTrainSet` gives one image with b sentences, the group instance contrastive
+   learning compares; `RefEvalSet` one image with every sentence of a split; `collate` makes the
+   batch.
+4. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
+5. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
    synth.py) and `python data.py download ...`.
 
-Typical training use (§4.2: the three datasets combined, evaluation images removed):
+The files themselves are read by coco.py (the restricted unpickler, field checks, COCO polygons and
+RLEs decoded as pycocotools does) and fetched by fetch.py (`python data.py download`).
+
+Training, as train.py drives it (§4.2: the three datasets combined, evaluation images removed):
 
     datas = [load_refs(root, "refcoco", "unc"), load_refs(root, "refcoco+", "unc"),
              load_refs(root, "refcocog", "umd")]
     train_set = RefTrainSet(datas, Tokenizer(), sentences_per_image=4)
-    sampler = DistributedSampler(train_set)          # over image indices
-    loader = DataLoader(train_set, batch_size=16, sampler=sampler, collate_fn=collate)
     for epoch in range(epochs):
-        sampler.set_epoch(epoch); train_set.set_epoch(epoch)
-        for batch in loader: ...                      # 16 images x 4 sentences = 64 sentences
+        train_set.set_epoch(epoch)  # sentence draws depend on (seed, epoch, index) only
+        # this rank's image indices of every step: one shuffle per epoch, each rank a share of each batch
+        steps = train.epoch_batches(len(train_set), epoch, seed, 16, rank, world)
+        for batch in DataLoader(train_set, batch_sampler=steps, collate_fn=collate):
+            ...  # 16 images x 4 sentences = 64 sentences (train.py collates each micro-batch)
+
+Evaluation: DataLoader(RefEvalSet(load_refs(root, "refcoco", "unc"), "val", Tokenizer()),
+batch_size=16, collate_fn=collate).
 """
 from __future__ import annotations
 
@@ -46,16 +53,16 @@ from PIL import Image
 
 import synth
 from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
-from coco import check_fields, decode_mask, find_image_dir, has_refs, is_int, load_json, read_refs_file
+from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, read_refs_file
+from coco import has_refs  # not used here: train.py and eval.py ask data.has_refs
 from fetch import DOWNLOAD_SPLIT_BY, REFER_MIRRORS, download_refer
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 
 logger = logging.getLogger("data")
 
 
-
 # ---------------------------------------------------------------------------------------------
-# 2. Referring records (refer API layout)
+# 1. Referring records (refer API layout)
 # ---------------------------------------------------------------------------------------------
 # A refer-API record ("ref") names one COCO instance and the expressions written for it:
 #   {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int,
@@ -218,6 +225,32 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
     return RefData(dataset, split_by, refs, anns, images, categories)
 
 
+def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:
+    """Open-vocabulary setting (Table 2): {"seen": refs of OV_SEEN_CATEGORIES, "unseen": refs of
+    OV_UNSEEN_CATEGORIES}; refs of the other 15 COCO categories are in neither.
+
+    Training keeps the "seen" part (RefTrainSet(category_ids=OV_SEEN_CATEGORIES), train.py --seen-only);
+    evaluation reports the two parts separately (RefEvalSet(category_ids=...), eval.py --subset).
+    """
+    return {"seen": [r for r in refs if r["category_id"] in OV_SEEN_CATEGORIES],
+            "unseen": [r for r in refs if r["category_id"] in OV_UNSEEN_CATEGORIES]}
+
+
+def split_stats(data: RefData) -> dict[str, dict[str, int]]:
+    """{split: {"refs", "sentences", "images"}} counts."""
+    stats = {}
+    for split in data.splits():
+        refs = [r for r in data.refs if r["split"] == split]
+        stats[split] = {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
+                        "images": len({r["image_id"] for r in refs})}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The training set (§4.2): the three datasets combined, no evaluation image in it
+# ---------------------------------------------------------------------------------------------
+
+
 def combine_for_training(datas: Sequence[RefData], split: str = "train",
                          held_out_from: Sequence[RefData] = ()) -> RefData:
     """The training set of §4.2: `split` refs of all datasets, minus every image that appears in
@@ -266,95 +299,8 @@ def hold_out_counts(data: RefData, sources: Sequence[tuple[str, Collection[int]]
             "kept": {"images": len({r["image_id"] for r in kept}), "refs": len(kept)}}
 
 
-def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:
-    """Open-vocabulary setting (Table 2): {"seen": refs of OV_SEEN_CATEGORIES, "unseen": refs of
-    OV_UNSEEN_CATEGORIES}; refs of the other 15 COCO categories are in neither.
-
-    Training keeps the "seen" part (RefTrainSet(category_ids=OV_SEEN_CATEGORIES), train.py --seen-only);
-    evaluation reports the two parts separately (RefEvalSet(category_ids=...), eval.py --subset).
-    """
-    return {"seen": [r for r in refs if r["category_id"] in OV_SEEN_CATEGORIES],
-            "unseen": [r for r in refs if r["category_id"] in OV_UNSEEN_CATEGORIES]}
-
-
-def split_stats(data: RefData) -> dict[str, dict[str, int]]:
-    """{split: {"refs", "sentences", "images"}} counts."""
-    stats = {}
-    for split in data.splits():
-        refs = [r for r in data.refs if r["split"] == split]
-        stats[split] = {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
-                        "images": len({r["image_id"] for r in refs})}
-    return stats
-
-
 # ---------------------------------------------------------------------------------------------
-# 3. Preprocessing: one letterbox geometry for CLIP and SAM (§4.2)
-# ---------------------------------------------------------------------------------------------
-# Both encoders see the same frame: longest side resized to the encoder's size with SAM's
-# rounding rule, padded bottom/right. A mask on CLIP's grid therefore maps onto SAM's frame by a
-# plain resize, which is what turns the coarse CLIP mask into SAM prompts (§3.1).
-
-
-def _resize_longest_side(image: Image.Image, size: int) -> np.ndarray:
-    """(new_h, new_w, 3) uint8: longest side -> size, bilinear (as SAM's ResizeLongestSide)."""
-    new_h, new_w = resize_longest_side_shape(image.height, image.width, size)
-    return np.asarray(image.convert("RGB").resize((new_w, new_h), Image.BILINEAR))
-
-
-def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize the longest side to `size` and pad bottom/right.
-
-    Returns:
-        (3, size, size) float32 in 0..255, zero in the padding, and the valid (new_h, new_w).
-    """
-    resized = _resize_longest_side(image, size)
-    h, w = resized.shape[:2]
-    out = np.zeros((3, size, size), np.float32)
-    out[:, :h, :w] = resized.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
-    return torch.from_numpy(out), (h, w)
-
-
-def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """letterbox with (x - mean) / std applied to the image only: the padding stays exactly 0."""
-    pixels, (h, w) = letterbox(image, size)
-    valid = pixels[:, :h, :w]  # a view: normalize in place
-    valid -= torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    valid /= torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels, (h, w)
-
-
-def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024, with_sam: bool = True
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
-    """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
-
-    Returns:
-        clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
-        SAM-normalized (None without with_sam), both 0 in the padding, and the valid (h', w') at sam_size.
-    """
-    clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
-                                          [255 * s for s in CLIP_STD])
-    if not with_sam:  # e.g. training stage 1 (no SAM): skip the 1024 x 1024 resize
-        return clip_image, None, resize_longest_side_shape(image.height, image.width, sam_size)
-    sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
-    return clip_image, sam_image, valid
-
-
-def mask_to_frame(mask: np.ndarray, valid_hw: tuple[int, int], size: int) -> np.ndarray:
-    """(H, W) {0,1} mask at original resolution -> (size, size) uint8 in the letterboxed frame.
-
-    Bilinear resize of the 0/1 mask then threshold 0.5: the boundary lands where the resized
-    image's boundary is (nearest-neighbour would shift it by up to half an original pixel).
-    """
-    h, w = valid_hw
-    resized = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
-    out = np.zeros((size, size), np.uint8)
-    out[:h, :w] = np.asarray(resized) >= 0.5
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Datasets and the batch dict (§3.3 instance contrastive sampling)
+# 3. Datasets and the batch dict (§3.3 instance contrastive sampling)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -473,8 +419,9 @@ class RefTrainSet(_ImageSet):
     dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
     as some ref of it is kept.
 
-    Use with a DataLoader over image indices (batch_size = B images, optionally a
-    DistributedSampler) and `collate`, which flattens the b sentences of every image.
+    Use with a DataLoader whose batch_sampler lists the B image indices of each step (train.py's
+    epoch_batches, which also gives each rank its share) and `collate`, which flattens the b
+    sentences of every image.
     """
 
     def __init__(self, refs_data: Union[RefData, Sequence[RefData]], tokenizer,
@@ -561,11 +508,11 @@ def sam_cache_path(folder: str, image_id: int) -> str:
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Items of RefTrainSet / RefEvalSet -> the batch dict of CONTRACT.md.
+    """Items of RefTrainSet / RefEvalSet -> one batch dict (B images, N sentences; keys and shapes below).
 
     Sentences of all images are flattened in item order; `image_index[n]` says which image
-    sentence n belongs to. Besides the contract's keys, `category_ids` (N,) long is included
-    (for the seen/unseen report of the open-vocabulary setting).
+    sentence n belongs to, `instance_ids[n]` which instance it refers to (the ICL target, §3.3).
+    `category_ids` (N,) serves the seen/unseen report of the open-vocabulary setting.
 
     Whatever a training step would otherwise read back from the device is settled here, on the CPU:
     tokens are cut after the longest sentence (to a multiple of 8, clip_vit.cut_tokens) and image_index
@@ -607,7 +554,73 @@ def _stack_present(images: list, cached: bool) -> Optional[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Command line
+# 4. Preprocessing: one letterbox geometry for CLIP and SAM (§4.2)
+# ---------------------------------------------------------------------------------------------
+# Both encoders see the same frame: longest side resized to the encoder's size with SAM's
+# rounding rule, padded bottom/right. A mask on CLIP's grid therefore maps onto SAM's frame by a
+# plain resize, which is what turns the coarse CLIP mask into SAM prompts (§3.1).
+
+
+def _resize_longest_side(image: Image.Image, size: int) -> np.ndarray:
+    """(new_h, new_w, 3) uint8: longest side -> size, bilinear (as SAM's ResizeLongestSide)."""
+    new_h, new_w = resize_longest_side_shape(image.height, image.width, size)
+    return np.asarray(image.convert("RGB").resize((new_w, new_h), Image.BILINEAR))
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the longest side to `size` and pad bottom/right.
+
+    Returns:
+        (3, size, size) float32 in 0..255, zero in the padding, and the valid (new_h, new_w).
+    """
+    resized = _resize_longest_side(image, size)
+    h, w = resized.shape[:2]
+    out = np.zeros((3, size, size), np.float32)
+    out[:, :h, :w] = resized.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+    return torch.from_numpy(out), (h, w)
+
+
+def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
+                          std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """letterbox with (x - mean) / std applied to the image only: the padding stays exactly 0."""
+    pixels, (h, w) = letterbox(image, size)
+    valid = pixels[:, :h, :w]  # a view: normalize in place
+    valid -= torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    valid /= torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return pixels, (h, w)
+
+
+def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024, with_sam: bool = True
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
+    """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
+
+    Returns:
+        clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
+        SAM-normalized (None without with_sam), both 0 in the padding, and the valid (h', w') at sam_size.
+    """
+    clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
+                                          [255 * s for s in CLIP_STD])
+    if not with_sam:  # e.g. training stage 1 (no SAM): skip the 1024 x 1024 resize
+        return clip_image, None, resize_longest_side_shape(image.height, image.width, sam_size)
+    sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
+    return clip_image, sam_image, valid
+
+
+def mask_to_frame(mask: np.ndarray, valid_hw: tuple[int, int], size: int) -> np.ndarray:
+    """(H, W) {0,1} mask at original resolution -> (size, size) uint8 in the letterboxed frame.
+
+    Bilinear resize of the 0/1 mask then threshold 0.5: the boundary lands where the resized
+    image's boundary is (nearest-neighbour would shift it by up to half an original pixel).
+    """
+    h, w = valid_hw
+    resized = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
+    out = np.zeros((size, size), np.uint8)
+    out[:h, :w] = np.asarray(resized) >= 0.5
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Command line
 # ---------------------------------------------------------------------------------------------
 
 

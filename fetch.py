@@ -1,5 +1,13 @@
-"""Downloads: resumable transfers, mirrors, SHA-256, safe unzipping, the refer archives (moved from
-load_weights.py and data.py)."""
+"""Downloads: resumable transfers from mirrors, SHA-256 checks, safe unzipping, and the refer archives.
+
+Machinery beside the method: load_weights.py fetches the official CLIP and SAM files with it
+(`python load_weights.py download`), data.py's CLI the refer annotations and COCO train2014
+(`python data.py download`), so that neither holds download code. One copy of the transfer code for
+both: a transfer resumes after a dropped connection or a killed run, is checked against its SHA-256
+where one is known (zip members against their CRC-32 while unpacking), and a file appears only when
+complete. This file imports no method file; the layout it unpacks into is coco.py's, the one
+data.load_refs reads.
+"""
 import contextlib
 import hashlib
 import http.client
@@ -8,11 +16,16 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
-from typing import Optional, Sequence
+from typing import Sequence
 
 from tqdm import tqdm
 
 from coco import IMAGE_DIR_CANDIDATES, has_refs
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Resumable downloads from mirrors
+# ---------------------------------------------------------------------------------------------
 
 
 class DownloadError(OSError):
@@ -122,19 +135,8 @@ def download_from_mirrors(urls, path, sha256: str | None = None, accept=None) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Downloading the refer annotations (and COCO train2014)
+# 2. Unpacking a zip safely
 # ---------------------------------------------------------------------------------------------
-# The zips of lichengunc/refer's README were served by UNC, down since 2022; web.archive.org kept
-# copies (the snapshots users share in lichengunc/refer issues #14 and #26, CRIS.pytorch issue #10).
-# No checksum is published for any of them: each member's CRC-32 is checked while it is unpacked.
-
-_REFER_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{}.zip"
-_ARCHIVE_SNAPSHOTS = {"refcoco": "20220413011718", "refcoco+": "20220413011656", "refcocog": "20220413012904"}
-REFER_MIRRORS = {name: (_REFER_URL.format(name), f"https://web.archive.org/web/{stamp}/{_REFER_URL.format(name)}")
-                 for name, stamp in _ARCHIVE_SNAPSHOTS.items()}
-COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"  # cocodataset.org/#download
-COCO_TRAIN2014_IMAGES = 82783
-DOWNLOAD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # a dataset is complete with it
 
 
 def safe_extract(zip_path: str, dest: str) -> int:
@@ -170,6 +172,22 @@ def safe_extract(zip_path: str, dest: str) -> int:
     return len(files)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. The refer annotations (and COCO train2014) in the refer layout
+# ---------------------------------------------------------------------------------------------
+# The zips of lichengunc/refer's README were served by UNC, down since 2022; web.archive.org kept
+# copies (the snapshots users share in lichengunc/refer issues #14 and #26, CRIS.pytorch issue #10).
+# No checksum is published for any of them: each member's CRC-32 is checked while it is unpacked.
+
+_REFER_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{}.zip"
+_ARCHIVE_SNAPSHOTS = {"refcoco": "20220413011718", "refcoco+": "20220413011656", "refcocog": "20220413012904"}
+REFER_MIRRORS = {name: (_REFER_URL.format(name), f"https://web.archive.org/web/{stamp}/{_REFER_URL.format(name)}")
+                 for name, stamp in _ARCHIVE_SNAPSHOTS.items()}
+COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"  # cocodataset.org/#download
+COCO_TRAIN2014_IMAGES = 82783
+DOWNLOAD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # a dataset is complete with it
+
+
 def _complete(data_root: str, name: str) -> bool:
     """A dataset: its refs file and instances.json are there (both unpacked atomically). train2014: it was
     unpacked here (marker file), or an image folder of the layout already holds all of COCO train2014."""
@@ -184,7 +202,7 @@ def _complete(data_root: str, name: str) -> bool:
 
 
 def download_refer(data_root: str, datasets: Sequence[str] = tuple(REFER_MIRRORS), images: bool = False,
-                   from_dir: Optional[str] = None, mirrors: Optional[dict] = None,
+                   from_dir: str | None = None, mirrors: dict | None = None,
                    image_urls: Sequence[str] = (COCO_TRAIN2014_URL,)) -> None:
     """Fetch and unpack what is missing of DATA_ROOT/<dataset>/{refs(..).p, instances.json} and, with
     `images`, DATA_ROOT/images/train2014/; what is complete is skipped, so a rerun continues.
