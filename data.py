@@ -2,238 +2,66 @@
 
 Sections, in the order a reader meets them:
 
-1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
-   identical to pycocotools (its polygon rasterizer is re-derived below in numpy).
-2. Referring records: `load_refs` reads the refer-API layout every RIS codebase uses,
+1. Referring records: `load_refs` reads one dataset of the refer-API layout every RIS codebase uses,
        DATA_ROOT/{refcoco,refcoco+,refcocog}/refs(unc).p | refs(umd).p | refs(google).p
        DATA_ROOT/{refcoco,refcoco+,refcocog}/instances.json
    (or `refs(<split_by>).json`, a JSON list of the same records), with COCO train2014 images
    looked up in DATA_ROOT/images/train2014/, DATA_ROOT/images/mscoco/images/train2014/ (the refer
-   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first.
-3. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
-4. Datasets: `RefTrainSet` (one image with b sentences, for instance contrastive learning, §3.3)
-   and `RefEvalSet` (one image with all its sentences of a split); `collate` builds the batch
-   dict of CONTRACT.md.
-5. `download_refer`: the refer annotation zips (from their mirrors) and COCO train2014, unpacked
-   into that layout.
-6. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
+   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first. EVAL_SPLITS names the
+   splits each benchmark reports (§4.1), OV_SEEN_CATEGORIES / OV_UNSEEN_CATEGORIES the
+   open-vocabulary setting (Table 2).
+2. The training set (§4.2): `combine_for_training` joins RefCOCO, RefCOCO+ and G-Ref and removes
+   every image of their val/test splits (`eval_image_ids`; `hold_out_counts` says what that costs).
+3. Datasets (§3.3): `RefTrainSet` gives one image with b sentences, the group instance contrastive
+   learning compares; `RefEvalSet` one image with every sentence of a split; `collate` makes the
+   batch.
+4. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
+5. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
    synth.py) and `python data.py download ...`.
 
-Typical training use (§4.2: the three datasets combined, evaluation images removed):
+The files themselves are read by coco.py (the restricted unpickler, field checks, COCO polygons and
+RLEs decoded as pycocotools does) and fetched by fetch.py (`python data.py download`).
+
+Training, as train.py drives it (§4.2: the three datasets combined, evaluation images removed):
 
     datas = [load_refs(root, "refcoco", "unc"), load_refs(root, "refcoco+", "unc"),
              load_refs(root, "refcocog", "umd")]
     train_set = RefTrainSet(datas, Tokenizer(), sentences_per_image=4)
-    sampler = DistributedSampler(train_set)          # over image indices
-    loader = DataLoader(train_set, batch_size=16, sampler=sampler, collate_fn=collate)
     for epoch in range(epochs):
-        sampler.set_epoch(epoch); train_set.set_epoch(epoch)
-        for batch in loader: ...                      # 16 images x 4 sentences = 64 sentences
+        train_set.set_epoch(epoch)  # sentence draws depend on (seed, epoch, index) only
+        # this rank's image indices of every step: one shuffle per epoch, each rank a share of each batch
+        steps = train.epoch_batches(len(train_set), epoch, seed, 16, rank, world)
+        for batch in DataLoader(train_set, batch_sampler=steps, collate_fn=collate):
+            ...  # 16 images x 4 sentences = 64 sentences (train.py collates each micro-batch)
+
+Evaluation: DataLoader(RefEvalSet(load_refs(root, "refcoco", "unc"), "val", Tokenizer()),
+batch_size=16, collate_fn=collate).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
-import pickle
-import shutil
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from typing import Collection, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import synth
 from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
-from load_weights import DownloadError, download_from_mirrors
+from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, read_refs_file
+from fetch import DOWNLOAD_SPLIT_BY, REFER_MIRRORS, download_refer
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 
 logger = logging.getLogger("data")
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. COCO masks
-# ---------------------------------------------------------------------------------------------
-# COCO stores a mask as run-length counts over the pixels in column-major order (x outer, y
-# inner), starting with a run of zeros. Polygons are rasterized by pycocotools' rleFrPoly, whose
-# exact pixel decisions we reproduce so that ground truth (and therefore IoU) matches every
-# other RIS codebase bit for bit.
-
-_POLY_UPSAMPLE = 5.0  # rleFrPoly walks the boundary on a 5x finer integer grid
-
-
-def _c_int(x: np.ndarray) -> np.ndarray:
-    """C's `(int)double` cast: truncation toward zero."""
-    return np.trunc(x).astype(np.int64)
-
-
-def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Column-major pixel positions where a polygon's mask switches value (pycocotools rleFrPoly).
-
-    Args:
-        xy: (2K,) float64, x0, y0, x1, y1, ... in pixel units (pixel centres at integers).
-    Returns:
-        (M,) int64 positions x * height + y in [0, height * width]; the mask at pixel p is the
-        parity of the number of positions <= p.
-
-    The algorithm, step by step as in maskApi.c:
-      a) scale vertices by 5 and round (C cast: int(5v + 0.5));
-      b) walk every edge on that fine grid, one point per step along its major axis, the minor
-         coordinate rounded the same way; an edge is always computed from its lower end (swapped
-         if needed) so that a shared edge rounds identically in both directions;
-      c) wherever the walk crosses a column boundary, record the y where the boundary enters;
-         only crossings landing exactly on a pixel-centre column of the original grid count;
-      d) those (x, y) points are where each column's mask toggles.
-    """
-    scale = _POLY_UPSAMPLE
-    x = _c_int(scale * xy[0::2] + 0.5)
-    y = _c_int(scale * xy[1::2] + 0.5)
-    x = np.append(x, x[0])  # close the polygon
-    y = np.append(y, y[0])
-
-    # b) dense walk along every edge: edge j contributes max(dx, dy) + 1 points
-    xs, xe, ys, ye = x[:-1], x[1:], y[:-1], y[1:]
-    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
-    major_x = dx >= dy
-    flip = (major_x & (xs > xe)) | (~major_x & (ys > ye))
-    xs, xe = np.where(flip, xe, xs), np.where(flip, xs, xe)
-    ys, ye = np.where(flip, ye, ys), np.where(flip, ys, ye)
-    steps = np.maximum(dx, dy)
-    # A zero-length edge (repeated vertex) gives 0/0 in C; its single point never starts a column
-    # crossing (its neighbours share its x), so any finite slope reproduces the result.
-    slope = np.where(major_x, ye - ys, xe - xs) / np.maximum(steps, 1)
-
-    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (P,) edge of every walk point
-    first = np.cumsum(steps + 1) - (steps + 1)
-    d = np.arange(len(edge)) - first[edge]
-    t = np.where(flip[edge], steps[edge] - d, d)  # walk from the original start either way
-    minor = _c_int((np.where(major_x, ys, xs)[edge] + slope[edge] * t) + 0.5)
-    u = np.where(major_x[edge], t + xs[edge], minor)  # (P,) fine-grid x
-    v = np.where(major_x[edge], minor, t + ys[edge])  # (P,) fine-grid y
-
-    # c) column crossings, mapped back to the original grid
-    j = np.nonzero(u[1:] != u[:-1])[0] + 1
-    xd = np.where(u[j] < u[j - 1], u[j], u[j] - 1).astype(np.float64)
-    xd = (xd + 0.5) / scale - 0.5
-    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)
-    yd = np.minimum(v[j], v[j - 1]).astype(np.float64)
-    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, height))
-    return xd[keep].astype(np.int64) * height + yd[keep].astype(np.int64)
-
-
-def _polygons_to_mask(parts: Sequence, height: int, width: int) -> np.ndarray:
-    """Union of polygon parts (COCO `[[x0, y0, x1, y1, ...], ...]`) -> (H, W) uint8."""
-    if not parts:
-        raise ValueError("empty polygon list (no parts)")
-    toggles = np.zeros(height * width + 1, np.int64)
-    union = np.zeros(height * width, bool)
-    for i, part in enumerate(parts):
-        try:
-            xy = np.asarray(part, dtype=np.float64)
-        except (TypeError, ValueError):
-            xy = np.empty(0)
-        if xy.ndim != 1 or len(xy) < 2 or not np.isfinite(xy).all():
-            raise ValueError(f"polygon part {i} must be a flat list of finite x, y numbers, "
-                             f"got {str(part)[:60]}")
-        # pycocotools reads int(len / 2) vertices: an odd trailing number is ignored
-        positions = _polygon_toggles(xy[: len(xy) // 2 * 2], height, width)
-        toggles[:] = 0
-        np.add.at(toggles, positions, 1)
-        union |= (np.cumsum(toggles[:-1]) % 2).astype(bool)
-    return union.reshape(width, height).T.astype(np.uint8)  # column-major -> (H, W)
-
-
-def _rle_string_to_counts(s: Union[str, bytes]) -> list[int]:
-    """COCO compressed RLE string -> run lengths (maskApi.c rleFrString).
-
-    Each count is written in 5-bit groups, least significant first, one character (chr(48 + g))
-    per group; bit 0x20 says another group follows and bit 0x10 of the last group is the sign.
-    From the fourth count on, the value stored is the difference to the count two places back.
-    """
-    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
-    counts: list[int] = []
-    p = 0
-    while p < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(data):
-                raise ValueError("compressed RLE string ends in the middle of a count")
-            c = data[p] - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"compressed RLE string has an invalid character {chr(data[p])!r}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)  # sign-extend
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x & 0xFFFFFFFF)  # C stores counts as uint32
-    return counts
-
-
-def _rle_counts_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
-    """Alternating run lengths (zeros first, column-major) -> (H, W) uint8."""
-    runs = np.asarray(counts, dtype=np.int64)
-    if runs.ndim != 1 or (runs < 0).any():
-        raise ValueError("RLE counts must be a flat list of non-negative integers")
-    if runs.sum() != height * width:
-        raise ValueError(f"RLE counts sum to {int(runs.sum())}, expected height*width = "
-                         f"{height}*{width} = {height * width}")
-    values = np.arange(len(runs)) % 2  # 0, 1, 0, 1, ...
-    flat = np.repeat(values.astype(np.uint8), runs)
-    return flat.reshape(width, height).T.copy()
-
-
-def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation into a binary mask, exactly as pycocotools does.
-
-    Args:
-        segmentation: one of
-            - polygons: a list of parts `[[x0, y0, x1, y1, ...], ...]` (their union is the mask,
-              like COCO.annToMask);
-            - uncompressed RLE `{"counts": [int, ...], "size": [h, w]}` (iscrowd annotations);
-            - compressed RLE `{"counts": "string" or b"bytes", "size": [h, w]}`.
-        height, width: image size; an RLE's own "size" must agree with it.
-    Returns:
-        (height, width) uint8 array of {0, 1}.
-    Raises:
-        ValueError naming what is malformed.
-
-    One deliberate difference: pycocotools treats a polygon list whose *first* part has exactly
-    four numbers as bounding boxes; here every part is a polygon.
-    """
-    if isinstance(segmentation, list):
-        return _polygons_to_mask(segmentation, height, width)
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        size = segmentation["size"]
-        if not (isinstance(size, (list, tuple)) and len(size) == 2
-                and all(isinstance(v, int) for v in size)):
-            raise ValueError(f"RLE 'size' must be [height, width], got {size!r}")
-        if tuple(size) != (height, width):
-            raise ValueError(f"RLE size {list(size)} differs from the image size "
-                             f"[{height}, {width}]")
-        counts = segmentation["counts"]
-        if isinstance(counts, (str, bytes)):
-            counts = _rle_string_to_counts(counts)
-        elif not isinstance(counts, list):
-            raise ValueError("RLE 'counts' must be a list or a string, got "
-                             f"{type(counts).__name__}")
-        return _rle_counts_to_mask(counts, height, width)
-    raise ValueError("segmentation must be a list of polygons or a dict with 'counts' and 'size', "
-                     f"got {type(segmentation).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Referring records (refer API layout)
+# 1. Referring records (refer API layout)
 # ---------------------------------------------------------------------------------------------
 # A refer-API record ("ref") names one COCO instance and the expressions written for it:
 #   {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int,
@@ -278,79 +106,6 @@ OV_UNSEEN_CATEGORIES = {
     63: "couch", 76: "keyboard", 81: "sink", 87: "scissors",
 }
 
-_IMAGE_DIR_CANDIDATES = (
-    ("images", "train2014"),
-    ("images", "mscoco", "images", "train2014"),  # the refer API's own layout
-)
-
-
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
-    """A refs pickle asked for a class or function: refused, nothing from it was run."""
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickler for untrusted files: builds dicts, lists, tuples, strings and numbers only.
-
-    Everything that could run code in a pickle goes through `find_class` (GLOBAL, STACK_GLOBAL,
-    and the copyreg EXT opcodes), so refusing every class refuses every callable, REDUCE included.
-    """
-
-    def __init__(self, file, path: str, encoding: str):
-        super().__init__(file, encoding=encoding)
-        self.path = path
-
-    def find_class(self, module, name):
-        raise UnsafePickleError(
-            f"{self.path}: refusing to load '{module}.{name}': refs files must contain plain data "
-            "only (dict, list, tuple, str, numbers); convert it to JSON if it holds anything else")
-
-
-def _load_plain_pickle(path: str):
-    """Load a (possibly Python 2) pickle of plain data without ever executing code from it.
-
-    Python 2 `str` objects arrive as bytes; they are decoded as UTF-8 and, if that fails, as
-    Latin-1 (which accepts every byte sequence).
-    """
-    with open(path, "rb") as f:
-        raw = f.read()
-    for encoding in ("utf-8", "latin1"):
-        try:
-            return _PlainDataUnpickler(io.BytesIO(raw), path, encoding).load()
-        except UnicodeDecodeError:
-            continue
-        except UnsafePickleError:
-            raise
-        except Exception as e:  # truncated, not a pickle at all, persistent ids, ...
-            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
-    raise ValueError(f"{path}: cannot decode the strings in this pickle")
-
-
-def _load_json(path: str):
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_fields(record, fields: dict, where: str) -> None:
-    """ValueError naming `where` unless `record` is a dict with `fields` of the given types."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
-    for key, kind in fields.items():
-        if key not in record:
-            raise ValueError(f"{where}: missing field '{key}'")
-        value = record[key]
-        ok = _is_int(value) if kind is int else isinstance(value, kind)
-        if not ok:
-            raise ValueError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, "
-                             f"got {type(value).__name__}")
-
-
 _REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str,
                "sentences": list}
 
@@ -358,9 +113,9 @@ _REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int
 def _parse_ref(record, path: str, index: int) -> dict:
     """Validate one refer-API record and return our compact copy of it."""
     where = f"{path}: record {index}"
-    if isinstance(record, dict) and _is_int(record.get("ref_id")):
+    if isinstance(record, dict) and is_int(record.get("ref_id")):
         where += f" (ref_id {record['ref_id']})"
-    _check_fields(record, _REF_FIELDS, where)
+    check_fields(record, _REF_FIELDS, where)
     sentences = []
     for j, s in enumerate(record["sentences"]):
         texts = (s.get("sent"), s.get("raw")) if isinstance(s, dict) else ()
@@ -417,73 +172,44 @@ class RefData:
             raise ValueError(f"{ann['source']}: annotation id {ann_id}: {e}") from e
 
 
-def _find_image_dir(data_root: str, dataset: str) -> str:
-    """First existing image folder among the documented layouts (the first one if none exists)."""
-    candidates = [os.path.join(data_root, *parts) for parts in _IMAGE_DIR_CANDIDATES]
-    candidates.append(os.path.join(data_root, dataset, "images"))
-    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
-
-
-def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
-    """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
-    return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
-
-
-def _read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
-    """Raw ref records from refs(<split_by>).json (preferred: no unpickling) or .p."""
-    folder = os.path.join(data_root, dataset)
-    json_path = os.path.join(folder, f"refs({split_by}).json")
-    pickle_path = os.path.join(folder, f"refs({split_by}).p")
-    if os.path.isfile(json_path):
-        path, records = json_path, _load_json(json_path)
-    elif os.path.isfile(pickle_path):
-        path, records = pickle_path, _load_plain_pickle(pickle_path)
-    else:
-        raise FileNotFoundError(f"no refs file for {dataset} ({split_by}): looked for "
-                                f"{pickle_path} and {json_path}")
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of ref records, got {type(records).__name__}")
-    return records, path
-
-
 def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
     """Read DATA_ROOT/<dataset>/refs(<split_by>).{json,p} and instances.json into a RefData.
 
     Every record is validated; a malformed one raises ValueError naming the file and the record
     (index and ref_id), a missing file raises FileNotFoundError naming the path.
     """
-    records, refs_path = _read_refs_file(data_root, dataset, split_by)
+    records, refs_path = read_refs_file(data_root, dataset, split_by)
     refs = [_parse_ref(r, refs_path, i) for i, r in enumerate(records)]
 
     instances_path = os.path.join(data_root, dataset, "instances.json")
     if not os.path.isfile(instances_path):
         raise FileNotFoundError(f"missing {instances_path} (COCO instances for {dataset})")
-    instances = _load_json(instances_path)
-    _check_fields(instances, {"images": list, "annotations": list}, instances_path)
+    instances = load_json(instances_path)
+    check_fields(instances, {"images": list, "annotations": list}, instances_path)
 
     wanted_anns = {r["ann_id"] for r in refs}
     anns = {}
     for i, a in enumerate(instances["annotations"]):
         if isinstance(a, dict) and a.get("id") in wanted_anns:
-            _check_fields(a, {"id": int, "image_id": int, "category_id": int,
+            check_fields(a, {"id": int, "image_id": int, "category_id": int,
                               "segmentation": (list, dict)},
                           f"{instances_path}: annotations[{i}] (id {a['id']})")
             anns[a["id"]] = {k: a[k] for k in ("id", "image_id", "category_id", "segmentation")}
             anns[a["id"]]["source"] = instances_path
 
-    image_dir = _find_image_dir(data_root, dataset)
+    image_dir = find_image_dir(data_root, dataset)
     wanted_images = {r["image_id"] for r in refs}
     images = {}
     for i, im in enumerate(instances["images"]):
         if isinstance(im, dict) and im.get("id") in wanted_images:
-            _check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
+            check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
                           f"{instances_path}: images[{i}] (id {im['id']})")
             images[im["id"]] = {k: im[k] for k in ("id", "file_name", "height", "width")}
             images[im["id"]]["path"] = os.path.join(image_dir, im["file_name"])
 
     categories = {}
     for i, c in enumerate(instances.get("categories", [])):
-        _check_fields(c, {"id": int, "name": str}, f"{instances_path}: categories[{i}]")
+        check_fields(c, {"id": int, "name": str}, f"{instances_path}: categories[{i}]")
         categories[c["id"]] = c["name"]
 
     for i, r in enumerate(refs):
@@ -496,6 +222,32 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
             raise ValueError(f"{where}: ann_id {r['ann_id']} belongs to image "
                              f"{anns[r['ann_id']]['image_id']}, not {r['image_id']}")
     return RefData(dataset, split_by, refs, anns, images, categories)
+
+
+def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:
+    """Open-vocabulary setting (Table 2): {"seen": refs of OV_SEEN_CATEGORIES, "unseen": refs of
+    OV_UNSEEN_CATEGORIES}; refs of the other 15 COCO categories are in neither.
+
+    Training keeps the "seen" part (RefTrainSet(category_ids=OV_SEEN_CATEGORIES), train.py --seen-only);
+    evaluation reports the two parts separately (RefEvalSet(category_ids=...), eval.py --subset).
+    """
+    return {"seen": [r for r in refs if r["category_id"] in OV_SEEN_CATEGORIES],
+            "unseen": [r for r in refs if r["category_id"] in OV_UNSEEN_CATEGORIES]}
+
+
+def split_stats(data: RefData) -> dict[str, dict[str, int]]:
+    """{split: {"refs", "sentences", "images"}} counts."""
+    stats = {}
+    for split in data.splits():
+        refs = [r for r in data.refs if r["split"] == split]
+        stats[split] = {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
+                        "images": len({r["image_id"] for r in refs})}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The training set (§4.2): the three datasets combined, no evaluation image in it
+# ---------------------------------------------------------------------------------------------
 
 
 def combine_for_training(datas: Sequence[RefData], split: str = "train",
@@ -546,95 +298,8 @@ def hold_out_counts(data: RefData, sources: Sequence[tuple[str, Collection[int]]
             "kept": {"images": len({r["image_id"] for r in kept}), "refs": len(kept)}}
 
 
-def split_seen_unseen(refs: Sequence[dict]) -> dict[str, list[dict]]:
-    """Open-vocabulary setting (Table 2): {"seen": refs of OV_SEEN_CATEGORIES, "unseen": refs of
-    OV_UNSEEN_CATEGORIES}; refs of the other 15 COCO categories are in neither.
-
-    Training keeps the "seen" part (RefTrainSet(category_ids=OV_SEEN_CATEGORIES), train.py --seen-only);
-    evaluation reports the two parts separately (RefEvalSet(category_ids=...), eval.py --subset).
-    """
-    return {"seen": [r for r in refs if r["category_id"] in OV_SEEN_CATEGORIES],
-            "unseen": [r for r in refs if r["category_id"] in OV_UNSEEN_CATEGORIES]}
-
-
-def split_stats(data: RefData) -> dict[str, dict[str, int]]:
-    """{split: {"refs", "sentences", "images"}} counts."""
-    stats = {}
-    for split in data.splits():
-        refs = [r for r in data.refs if r["split"] == split]
-        stats[split] = {"refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs),
-                        "images": len({r["image_id"] for r in refs})}
-    return stats
-
-
 # ---------------------------------------------------------------------------------------------
-# 3. Preprocessing: one letterbox geometry for CLIP and SAM (§4.2)
-# ---------------------------------------------------------------------------------------------
-# Both encoders see the same frame: longest side resized to the encoder's size with SAM's
-# rounding rule, padded bottom/right. A mask on CLIP's grid therefore maps onto SAM's frame by a
-# plain resize, which is what turns the coarse CLIP mask into SAM prompts (§3.1).
-
-
-def _resize_longest_side(image: Image.Image, size: int) -> np.ndarray:
-    """(new_h, new_w, 3) uint8: longest side -> size, bilinear (as SAM's ResizeLongestSide)."""
-    new_h, new_w = resize_longest_side_shape(image.height, image.width, size)
-    return np.asarray(image.convert("RGB").resize((new_w, new_h), Image.BILINEAR))
-
-
-def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize the longest side to `size` and pad bottom/right.
-
-    Returns:
-        (3, size, size) float32 in 0..255, zero in the padding, and the valid (new_h, new_w).
-    """
-    resized = _resize_longest_side(image, size)
-    h, w = resized.shape[:2]
-    out = np.zeros((3, size, size), np.float32)
-    out[:, :h, :w] = resized.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
-    return torch.from_numpy(out), (h, w)
-
-
-def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """letterbox with (x - mean) / std applied to the image only: the padding stays exactly 0."""
-    pixels, (h, w) = letterbox(image, size)
-    valid = pixels[:, :h, :w]  # a view: normalize in place
-    valid -= torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    valid /= torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels, (h, w)
-
-
-def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024, with_sam: bool = True
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
-    """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
-
-    Returns:
-        clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
-        SAM-normalized (None without with_sam), both 0 in the padding, and the valid (h', w') at sam_size.
-    """
-    clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
-                                          [255 * s for s in CLIP_STD])
-    if not with_sam:  # e.g. training stage 1 (no SAM): skip the 1024 x 1024 resize
-        return clip_image, None, resize_longest_side_shape(image.height, image.width, sam_size)
-    sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
-    return clip_image, sam_image, valid
-
-
-def mask_to_frame(mask: np.ndarray, valid_hw: tuple[int, int], size: int) -> np.ndarray:
-    """(H, W) {0,1} mask at original resolution -> (size, size) uint8 in the letterboxed frame.
-
-    Bilinear resize of the 0/1 mask then threshold 0.5: the boundary lands where the resized
-    image's boundary is (nearest-neighbour would shift it by up to half an original pixel).
-    """
-    h, w = valid_hw
-    resized = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
-    out = np.zeros((size, size), np.uint8)
-    out[:h, :w] = np.asarray(resized) >= 0.5
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Datasets and the batch dict (§3.3 instance contrastive sampling)
+# 3. Datasets and the batch dict (§3.3 instance contrastive sampling)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -753,8 +418,9 @@ class RefTrainSet(_ImageSet):
     dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
     as some ref of it is kept.
 
-    Use with a DataLoader over image indices (batch_size = B images, optionally a
-    DistributedSampler) and `collate`, which flattens the b sentences of every image.
+    Use with a DataLoader whose batch_sampler lists the B image indices of each step (train.py's
+    epoch_batches, which also gives each rank its share) and `collate`, which flattens the b
+    sentences of every image.
     """
 
     def __init__(self, refs_data: Union[RefData, Sequence[RefData]], tokenizer,
@@ -841,11 +507,11 @@ def sam_cache_path(folder: str, image_id: int) -> str:
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Items of RefTrainSet / RefEvalSet -> the batch dict of CONTRACT.md.
+    """Items of RefTrainSet / RefEvalSet -> one batch dict (B images, N sentences; keys and shapes below).
 
     Sentences of all images are flattened in item order; `image_index[n]` says which image
-    sentence n belongs to. Besides the contract's keys, `category_ids` (N,) long is included
-    (for the seen/unseen report of the open-vocabulary setting).
+    sentence n belongs to, `instance_ids[n]` which instance it refers to (the ICL target, §3.3).
+    `category_ids` (N,) serves the seen/unseen report of the open-vocabulary setting.
 
     Whatever a training step would otherwise read back from the device is settled here, on the CPU:
     tokens are cut after the longest sentence (to a multiple of 8, clip_vit.cut_tokens) and image_index
@@ -887,118 +553,73 @@ def _stack_present(images: list, cached: bool) -> Optional[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Downloading the refer annotations (and COCO train2014)
+# 4. Preprocessing: one letterbox geometry for CLIP and SAM (§4.2)
 # ---------------------------------------------------------------------------------------------
-# The zips of lichengunc/refer's README were served by UNC, down since 2022; web.archive.org kept
-# copies (the snapshots users share in lichengunc/refer issues #14 and #26, CRIS.pytorch issue #10).
-# No checksum is published for any of them: each member's CRC-32 is checked while it is unpacked.
-
-_REFER_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{}.zip"
-_ARCHIVE_SNAPSHOTS = {"refcoco": "20220413011718", "refcoco+": "20220413011656", "refcocog": "20220413012904"}
-REFER_MIRRORS = {name: (_REFER_URL.format(name), f"https://web.archive.org/web/{stamp}/{_REFER_URL.format(name)}")
-                 for name, stamp in _ARCHIVE_SNAPSHOTS.items()}
-COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"  # cocodataset.org/#download
-COCO_TRAIN2014_IMAGES = 82783
-DOWNLOAD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # a dataset is complete with it
+# Both encoders see the same frame: longest side resized to the encoder's size with SAM's
+# rounding rule, padded bottom/right. A mask on CLIP's grid therefore maps onto SAM's frame by a
+# plain resize, which is what turns the coarse CLIP mask into SAM prompts (§3.1).
 
 
-def safe_extract(zip_path: str, dest: str) -> int:
-    """Unpack a zip under `dest`; returns the number of files written.
+def _resize_longest_side(image: Image.Image, size: int) -> np.ndarray:
+    """(new_h, new_w, 3) uint8: longest side -> size, bilinear (as SAM's ResizeLongestSide)."""
+    new_h, new_w = resize_longest_side_shape(image.height, image.width, size)
+    return np.asarray(image.convert("RGB").resize((new_w, new_h), Image.BILINEAR))
 
-    Every entry is checked before anything is written: one that would land outside `dest` (absolute
-    path, `..`) refuses the whole archive. Each file is written under a temporary name and renamed, so
-    a file that is present is complete (a killed run leaves only `.part` files).
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the longest side to `size` and pad bottom/right.
+
+    Returns:
+        (3, size, size) float32 in 0..255, zero in the padding, and the valid (new_h, new_w).
     """
-    root = os.path.realpath(dest)
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            members = archive.infolist()
-            for m in members:
-                target = os.path.realpath(os.path.join(root, m.filename))
-                if (os.path.isabs(m.filename) or ".." in m.filename.replace("\\", "/").split("/")
-                        or os.path.commonpath((root, target)) != root):
-                    raise ValueError(f"{zip_path}: entry '{m.filename}' would be written outside {dest}; "
-                                     "refusing the archive, nothing was extracted")
-            files = [m for m in members if not m.is_dir()]
-            for m in tqdm(files, desc=f"unpacking {os.path.basename(zip_path)}", unit="file", leave=False):
-                target = os.path.join(root, m.filename)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                try:
-                    with archive.open(m) as src, open(target + ".part", "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)  # raises BadZipFile on a CRC mismatch
-                except BaseException:
-                    os.remove(target + ".part")
-                    raise
-                os.replace(target + ".part", target)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{zip_path}: damaged or not a zip file ({e}); delete it and download it again") from e
-    return len(files)
+    resized = _resize_longest_side(image, size)
+    h, w = resized.shape[:2]
+    out = np.zeros((3, size, size), np.float32)
+    out[:, :h, :w] = resized.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+    return torch.from_numpy(out), (h, w)
 
 
-def _complete(data_root: str, name: str) -> bool:
-    """A dataset: its refs file and instances.json are there (both unpacked atomically). train2014: it was
-    unpacked here (marker file), or an image folder of the layout already holds all of COCO train2014."""
-    if name != "train2014":
-        return (has_refs(data_root, name, DOWNLOAD_SPLIT_BY[name])
-                and os.path.isfile(os.path.join(data_root, name, "instances.json")))
-    if os.path.isfile(os.path.join(data_root, "images", "train2014.complete")):
-        return True
-    folders = [os.path.join(data_root, *parts) for parts in _IMAGE_DIR_CANDIDATES]
-    return any(os.path.isdir(f) and sum(e.name.startswith("COCO_train2014_") for e in os.scandir(f))
-               >= COCO_TRAIN2014_IMAGES for f in folders)
+def _normalized_letterbox(image: Image.Image, size: int, mean: Sequence[float],
+                          std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """letterbox with (x - mean) / std applied to the image only: the padding stays exactly 0."""
+    pixels, (h, w) = letterbox(image, size)
+    valid = pixels[:, :h, :w]  # a view: normalize in place
+    valid -= torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    valid /= torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return pixels, (h, w)
 
 
-def download_refer(data_root: str, datasets: Sequence[str] = tuple(REFER_MIRRORS), images: bool = False,
-                   from_dir: Optional[str] = None, mirrors: Optional[dict] = None,
-                   image_urls: Sequence[str] = (COCO_TRAIN2014_URL,)) -> None:
-    """Fetch and unpack what is missing of DATA_ROOT/<dataset>/{refs(..).p, instances.json} and, with
-    `images`, DATA_ROOT/images/train2014/; what is complete is skipped, so a rerun continues.
+def preprocess_image(image: Image.Image, clip_size: int = 480, sam_size: int = 1024, with_sam: bool = True
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
+    """The two encoder inputs of one image, same letterbox geometry (batch dict layout).
 
-    from_dir: a folder of zips fetched by hand (refcoco.zip, ..., train2014.zip), used before any mirror.
-    mirrors: {dataset: urls tried in order} (default REFER_MIRRORS). Downloaded zips (kept as
-    DATA_ROOT/downloads/*.part while incomplete) are deleted once unpacked; zips of from_dir are kept.
+    Returns:
+        clip_image (3, clip_size, clip_size) CLIP-normalized, sam_image (3, sam_size, sam_size)
+        SAM-normalized (None without with_sam), both 0 in the padding, and the valid (h', w') at sam_size.
     """
-    mirrors = mirrors or REFER_MIRRORS
-    jobs = [(name, mirrors[name], data_root) for name in datasets]
-    if images:  # train2014.zip holds train2014/COCO_train2014_*.jpg
-        jobs.append(("train2014", tuple(image_urls), os.path.join(data_root, "images")))
-    for name, urls, parent in jobs:
-        if _complete(data_root, name):
-            print(f"{name}: complete, skipped")
-            continue
-        path = os.path.join(from_dir or "", f"{name}.zip")
-        downloaded = not (from_dir and os.path.isfile(path))
-        if downloaded:
-            path = os.path.join(data_root, "downloads", f"{name}.zip")
-            try:
-                download_from_mirrors(urls, path, accept=zipfile.is_zipfile)
-            except DownloadError as e:
-                raise DownloadError(f"{name}.zip: no mirror worked ({e}). Fetch it by hand from one of these "
-                                    f"addresses, put it in a folder DIR and run `python data.py download "
-                                    f"--data-root {data_root} --from DIR`") from e
-        try:
-            with zipfile.ZipFile(path) as archive:  # the refer zips hold refcoco/..., COCO's train2014/...
-                inside = any(n.startswith(f"{name}/") for n in archive.namelist())
-            n = safe_extract(path, parent if inside else os.path.join(parent, name))
-        except (ValueError, zipfile.BadZipFile):
-            if downloaded:  # fetched again on the next run
-                os.remove(path)
-            raise
-        if name == "train2014":
-            with open(os.path.join(parent, "train2014.complete"), "w") as f:
-                f.write(f"{n} files from {path}\n")
-        elif not _complete(data_root, name):
-            raise ValueError(f"{path}: unpacked {n} files, but refs({DOWNLOAD_SPLIT_BY[name]}).p or "
-                             f"instances.json is still missing from {os.path.join(data_root, name)}")
-        if downloaded:
-            os.remove(path)
-        print(f"{name}: unpacked {n} files from {path}")
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.join(data_root, "downloads"))  # only when empty
+    clip_image, _ = _normalized_letterbox(image, clip_size, [255 * m for m in CLIP_MEAN],
+                                          [255 * s for s in CLIP_STD])
+    if not with_sam:  # e.g. training stage 1 (no SAM): skip the 1024 x 1024 resize
+        return clip_image, None, resize_longest_side_shape(image.height, image.width, sam_size)
+    sam_image, valid = _normalized_letterbox(image, sam_size, SAM_MEAN, SAM_STD)
+    return clip_image, sam_image, valid
+
+
+def mask_to_frame(mask: np.ndarray, valid_hw: tuple[int, int], size: int) -> np.ndarray:
+    """(H, W) {0,1} mask at original resolution -> (size, size) uint8 in the letterboxed frame.
+
+    Bilinear resize of the 0/1 mask then threshold 0.5: the boundary lands where the resized
+    image's boundary is (nearest-neighbour would shift it by up to half an original pixel).
+    """
+    h, w = valid_hw
+    resized = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
+    out = np.zeros((size, size), np.uint8)
+    out[:h, :w] = np.asarray(resized) >= 0.5
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Command line
+# 5. Command line
 # ---------------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
-from data import RefEvalSet, collate, has_refs, load_refs, preprocess_image, split_seen_unseen
+from coco import has_refs
+from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
 from runtime import NumberRange

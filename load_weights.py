@@ -11,8 +11,6 @@ Our modules use the original names, so the original files load with a plain stri
 """
 import argparse
 import ast
-import hashlib
-import http.client
 import io
 import math
 import os
@@ -20,16 +18,14 @@ import pickle
 import re
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from clip_vit import CLIP, CLIPConfig
+from fetch import DownloadError, download_from_mirrors
 from sam import SAM, SAMConfig
 
 
@@ -332,112 +328,6 @@ def load_sam(path, device="cpu", config: SAMConfig = None) -> SAM:
 
 
 # ---- downloading the official files ----
-
-class DownloadError(OSError):
-    """A file that could not be fetched (or failed its checksum); the message names the URL."""
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url: str, path, sha256: str | None = None, retries: int = 5, timeout: float = 60) -> str:
-    """Fetch `url` into `path`; returns the path. An existing `path` (with the right checksum) is kept.
-
-    The bytes go to `path`.part first, so an interrupted transfer (a dropped connection, a killed
-    process) continues where it stopped with an HTTP Range request, here (up to `retries` times in a
-    row without progress) or on the next call; a server that ignores Range and answers 200 sends the
-    whole file again, which then replaces the partial one. With `sha256`, a complete file whose hash
-    differs is deleted and DownloadError says so. The finished file appears atomically (os.replace).
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path) and (sha256 is None or sha256_of(path) == sha256):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part, stalled = path + ".part", 0
-    while True:
-        before = _size(part)
-        if _fetch_part(url, part, timeout):
-            break
-        stalled = 0 if _size(part) > before else stalled + 1  # a slow but moving transfer goes on
-        if stalled > retries:
-            raise DownloadError(f"{url}: the transfer broke off {stalled} times in a row at byte {_size(part)}; "
-                                "run the command again to resume")
-    if sha256 is not None and (digest := sha256_of(part)) != sha256:
-        os.remove(part)
-        raise DownloadError(f"{url}: SHA-256 mismatch (got {digest}, expected {sha256}); "
-                            f"deleted the download {part}")
-    os.replace(part, path)
-    return path
-
-
-def _size(path: str) -> int:
-    return os.path.getsize(path) if os.path.isfile(path) else 0
-
-
-def _fetch_part(url: str, part: str, timeout: float) -> bool:
-    """One request appending to `part`. True when the file is complete; False when the connection
-    broke off (worth another try); DownloadError for an HTTP or network error."""
-    start = _size(part)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # nothing after byte `start`: complete, or a .part longer than the file
-            if e.headers.get("Content-Range") == f"bytes */{start}":
-                return True
-            os.remove(part)
-            return False
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from e
-    with response:
-        resumed = response.status == 206
-        if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {start}-"):
-            raise DownloadError(f"{url}: asked for bytes {start}- and got {response.headers.get('Content-Range')}")
-        if not resumed:
-            start = 0  # 200: the server sent the whole file (Range ignored), so start over
-        length = response.headers.get("Content-Length")
-        total = start + int(length) if length is not None else None
-        received = start
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=os.path.basename(part[:-len(".part")]), leave=False) as bar:
-            try:
-                while block := response.read(1 << 20):
-                    f.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (OSError, http.client.HTTPException):
-                pass  # a dropped connection: the bytes so far stay in `part`
-    if total is None:
-        return True  # no length announced: the end of the stream is the end of the file
-    if received > total:
-        raise DownloadError(f"{url}: received {received} bytes, more than the {total} announced")
-    return received == total
-
-
-def download_from_mirrors(urls, path, sha256: str | None = None, accept=None) -> str:
-    """`download` from the first of `urls` that works; `accept(path)` may refuse a file (e.g. an HTML
-    error page served with status 200), which is then deleted and the next mirror tried. DownloadError
-    lists what went wrong with every mirror."""
-    errors = []
-    for url in urls:
-        try:
-            download(url, path, sha256)
-        except DownloadError as e:
-            errors.append(str(e))
-            continue
-        if accept is None or accept(path):
-            return path
-        os.remove(path)
-        errors.append(f"{url}: not the expected kind of file (an error page?)")
-    raise DownloadError("; ".join(errors))
-
 
 # The defaults of `download`: (mirrors, SHA-256 or None, converted to safetensors?).
 # - CLIP: OpenAI's ViT-B/16 file from _MODELS in openai/CLIP's clip/clip.py; the path carries the file's

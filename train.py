@@ -45,6 +45,7 @@ import synth
 from checkpoints import (BEST_WEIGHTS, TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
                          save_checkpoint, save_run_model, seed_everything)
 from clip_vit import Tokenizer
+from coco import has_refs
 from eval import evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
@@ -375,7 +376,7 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
     # split the same images differently; the paper reports both), when its refs file is present
     partitions = {("refcocog", other): data.load_refs(tc.data_root, "refcocog", other)
                   for name, split_by in specs if name == "refcocog" for other in ("umd", "google")
-                  if ("refcocog", other) not in loaded and data.has_refs(tc.data_root, "refcocog", other)}
+                  if ("refcocog", other) not in loaded and has_refs(tc.data_root, "refcocog", other)}
     held_out = [loaded[val_spec]] + (list(partitions.values()) if tc.hold_out_other_partition else [])
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,

@@ -1,4 +1,4 @@
-"""data.py: COCO mask decoding (vs pycocotools), refer-format reading, instance-contrastive
+"""data.py and coco.py: COCO mask decoding (vs pycocotools), refer-format reading, instance-contrastive
 sampling, letterbox geometry, the batch dict, the stats CLI and the synthetic dataset."""
 import json
 import logging
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import coco
 import data
 import synth as synthetic
 from clip_vit import Tokenizer
@@ -88,7 +89,7 @@ def test_decode_polygons_equal_pycocotools(kind):
         h, w = (int(v) for v in rng.integers(1, 120, 2))
         parts = random_polygons(rng, h, w, kind)
         expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, h, w)))
-        np.testing.assert_array_equal(data.decode_mask(parts, h, w), expected,
+        np.testing.assert_array_equal(coco.decode_mask(parts, h, w), expected,
                                       err_msg=f"trial {trial} {h}x{w}")
 
 
@@ -100,7 +101,7 @@ def test_decode_large_polygon_equals_pycocotools():
     rad = rng.uniform(50, 230, 300)
     part = np.stack([320 + rad * np.cos(a), 240 + rad * np.sin(a)], 1).reshape(-1).tolist()
     expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects([part], h, w)))
-    np.testing.assert_array_equal(data.decode_mask([part], h, w), expected)
+    np.testing.assert_array_equal(coco.decode_mask([part], h, w), expected)
 
 
 def test_decode_uncompressed_rle_equals_pycocotools():
@@ -114,7 +115,7 @@ def test_decode_uncompressed_rle_equals_pycocotools():
         counts = np.diff(np.concatenate([[1], edges, [h * w + 1]])).tolist()  # iscrowd-style
         rle = {"counts": counts, "size": [h, w]}
         expected = mask_api.decode(mask_api.frPyObjects(rle, h, w))
-        np.testing.assert_array_equal(data.decode_mask(rle, h, w), expected)
+        np.testing.assert_array_equal(coco.decode_mask(rle, h, w), expected)
         np.testing.assert_array_equal(expected, m)
 
 
@@ -125,9 +126,9 @@ def test_decode_compressed_rle_equals_pycocotools():
         h, w = (int(v) for v in rng.integers(1, 300, 2))
         m = (rng.random((h, w)) < rng.random() ** 3).astype(np.uint8)  # long and short runs
         rle = mask_api.encode(np.asfortranarray(m))
-        np.testing.assert_array_equal(data.decode_mask(rle, h, w), m)  # bytes counts
+        np.testing.assert_array_equal(coco.decode_mask(rle, h, w), m)  # bytes counts
         as_json = {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
-        np.testing.assert_array_equal(data.decode_mask(as_json, h, w), m)  # str counts
+        np.testing.assert_array_equal(coco.decode_mask(as_json, h, w), m)  # str counts
 
 
 @pytest.mark.parametrize("segmentation, message", [
@@ -140,7 +141,7 @@ def test_decode_compressed_rle_equals_pycocotools():
 ])
 def test_decode_mask_rejects_malformed_input(segmentation, message):
     with pytest.raises(ValueError, match=message):
-        data.decode_mask(segmentation, 2, 2)
+        coco.decode_mask(segmentation, 2, 2)
 
 
 # ---- refer records ------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_restricted_unpickler_refuses_code_without_running_it(tmp_path):
     refs[0]["sentences"][0]["sent"] = WritesMarker(marker)
     path = write_tree(str(tmp_path), refs, instances)
     refused = r"refusing to load '(io|builtins)\.open'"
-    with pytest.raises(data.UnsafePickleError, match=refused) as info:
+    with pytest.raises(coco.UnsafePickleError, match=refused) as info:
         data.load_refs(str(tmp_path), "refcoco", "unc")
     assert path in str(info.value)
     assert not os.path.exists(marker)

@@ -1,7 +1,7 @@
 """Downloads without the internet: a loopback HTTP server (127.0.0.1, started here) serves generated files.
 
-load_weights.download resumes a broken transfer with a Range request, checks SHA-256, falls through dead
-mirrors; data.download_refer unpacks the refer zips into the layout load_refs reads, refuses zips that
+fetch.download resumes a broken transfer with a Range request, checks SHA-256, falls through dead
+mirrors; fetch.download_refer unpacks the refer zips into the layout load_refs reads, refuses zips that
 would write outside DATA_ROOT, and skips what is complete.
 """
 import hashlib
@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import data
+import fetch
 import load_weights
 import synth
 from clip_vit import CLIP, CLIPConfig
-from load_weights import DownloadError, download, download_from_mirrors
+from fetch import DownloadError, download, download_from_mirrors
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,7 +108,7 @@ def files_under(folder) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
 
 
-# ---- load_weights.download ----
+# ---- fetch.download ----
 
 
 def test_a_transfer_cut_mid_file_resumes_with_a_range_request(server, tmp_path):
@@ -222,11 +223,11 @@ def test_official_defaults_carry_their_checksums():
     mirrors, sha256, _ = load_weights.OFFICIAL_FILES["clip"]
     assert all(url.split("/")[-2] == sha256 and url.endswith("/ViT-B-16.pt") for url in mirrors)  # OpenAI's scheme
     assert load_weights.OFFICIAL_FILES["sam"][1] is None  # segment-anything documents no checksum
-    for name, urls in data.REFER_MIRRORS.items():  # the original address first, then its archived copy
+    for name, urls in fetch.REFER_MIRRORS.items():  # the original address first, then its archived copy
         assert urls[0].endswith(f"/{name}.zip") and urls[1] == f"{urls[1].split('/https://')[0]}/{urls[0]}"
 
 
-# ---- data.download_refer ----
+# ---- fetch.download_refer ----
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +246,11 @@ def test_a_refer_zip_from_the_second_mirror_lands_in_the_layout(server, refer_zi
     server.files["/archive/refcoco.zip"] = refer_zips["refcoco.zip"]
     mirrors = {"refcoco": (server.url("/unc/refcoco.zip"), server.url("/archive/refcoco.zip"))}
     root = str(tmp_path / "refer")
-    data.download_refer(root, ["refcoco"], mirrors=mirrors)
+    fetch.download_refer(root, ["refcoco"], mirrors=mirrors)
     refs = data.load_refs(root, "refcoco", "unc")
     assert data.split_stats(refs).keys() == {"train", "val", "testA", "testB"}
     assert files_under(root) == ["refcoco/instances.json", "refcoco/refs(unc).p"]  # the downloaded zip is gone
-    data.download_refer(root, ["refcoco"], mirrors=mirrors)  # complete: skipped, nothing fetched
+    fetch.download_refer(root, ["refcoco"], mirrors=mirrors)  # complete: skipped, nothing fetched
     assert len(server.requests) == 2 and "refcoco: complete, skipped" in capsys.readouterr().out
 
 
@@ -278,7 +279,7 @@ def test_a_zip_entry_outside_the_data_root_refuses_the_whole_zip(tmp_path, evil)
     hand.mkdir()
     (hand / "refcoco.zip").write_bytes(zip_bytes({"refcoco/instances.json": b"{}", evil: b"gotcha"}))
     with pytest.raises(ValueError, match=f"entry '{re.escape(evil)}' would be written outside"):
-        data.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
     assert files_under(tmp_path / "root") == [] and not absolute.exists()
 
 

@@ -1,0 +1,312 @@
+"""The files RefCOCO, RefCOCO+ and G-Ref come as, read safely and checked: machinery beside data.py.
+
+None of this is in the paper; data.py, which holds what is (the records' meaning, the training set,
+the sampler), imports it, and this file imports no method file.
+
+1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
+   identical to pycocotools (its polygon rasterizer is re-derived below in numpy), so ground truth
+   and IoU match every other RIS codebase without a compiled dependency.
+2. The refer layout on disk: where a dataset's refs file and its COCO images lie (`has_refs`,
+   `read_refs_file`, `find_image_dir`); fetch.py unpacks the downloads into this layout.
+3. Untrusted files: the refs files are Python 2 pickles from the refer API, so they are unpickled
+   into plain data only (`UnsafePickleError` for anything that could run code); JSON and every
+   field data.py reads are checked (`check_fields`), so a bad file fails naming the file and the
+   record instead of deep inside training.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from typing import Sequence, Union
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. COCO masks
+# ---------------------------------------------------------------------------------------------
+# COCO stores a mask as run-length counts over the pixels in column-major order (x outer, y
+# inner), starting with a run of zeros. Polygons are rasterized by pycocotools' rleFrPoly, whose
+# exact pixel decisions we reproduce so that ground truth (and therefore IoU) matches every
+# other RIS codebase bit for bit.
+
+_POLY_UPSAMPLE = 5.0  # rleFrPoly walks the boundary on a 5x finer integer grid
+
+
+def _c_int(x: np.ndarray) -> np.ndarray:
+    """C's `(int)double` cast: truncation toward zero."""
+    return np.trunc(x).astype(np.int64)
+
+
+def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Column-major pixel positions where a polygon's mask switches value (pycocotools rleFrPoly).
+
+    Args:
+        xy: (2K,) float64, x0, y0, x1, y1, ... in pixel units (pixel centres at integers).
+    Returns:
+        (M,) int64 positions x * height + y in [0, height * width]; the mask at pixel p is the
+        parity of the number of positions <= p.
+
+    The algorithm, step by step as in maskApi.c:
+      a) scale vertices by 5 and round (C cast: int(5v + 0.5));
+      b) walk every edge on that fine grid, one point per step along its major axis, the minor
+         coordinate rounded the same way; an edge is always computed from its lower end (swapped
+         if needed) so that a shared edge rounds identically in both directions;
+      c) wherever the walk crosses a column boundary, record the y where the boundary enters;
+         only crossings landing exactly on a pixel-centre column of the original grid count;
+      d) those (x, y) points are where each column's mask toggles.
+    """
+    scale = _POLY_UPSAMPLE
+    x = _c_int(scale * xy[0::2] + 0.5)
+    y = _c_int(scale * xy[1::2] + 0.5)
+    x = np.append(x, x[0])  # close the polygon
+    y = np.append(y, y[0])
+
+    # b) dense walk along every edge: edge j contributes max(dx, dy) + 1 points
+    xs, xe, ys, ye = x[:-1], x[1:], y[:-1], y[1:]
+    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
+    major_x = dx >= dy
+    flip = (major_x & (xs > xe)) | (~major_x & (ys > ye))
+    xs, xe = np.where(flip, xe, xs), np.where(flip, xs, xe)
+    ys, ye = np.where(flip, ye, ys), np.where(flip, ys, ye)
+    steps = np.maximum(dx, dy)
+    # A zero-length edge (repeated vertex) gives 0/0 in C; its single point never starts a column
+    # crossing (its neighbours share its x), so any finite slope reproduces the result.
+    slope = np.where(major_x, ye - ys, xe - xs) / np.maximum(steps, 1)
+
+    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (P,) edge of every walk point
+    first = np.cumsum(steps + 1) - (steps + 1)
+    d = np.arange(len(edge)) - first[edge]
+    t = np.where(flip[edge], steps[edge] - d, d)  # walk from the original start either way
+    minor = _c_int((np.where(major_x, ys, xs)[edge] + slope[edge] * t) + 0.5)
+    u = np.where(major_x[edge], t + xs[edge], minor)  # (P,) fine-grid x
+    v = np.where(major_x[edge], minor, t + ys[edge])  # (P,) fine-grid y
+
+    # c) column crossings, mapped back to the original grid
+    j = np.nonzero(u[1:] != u[:-1])[0] + 1
+    xd = np.where(u[j] < u[j - 1], u[j], u[j] - 1).astype(np.float64)
+    xd = (xd + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)
+    yd = np.minimum(v[j], v[j - 1]).astype(np.float64)
+    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, height))
+    return xd[keep].astype(np.int64) * height + yd[keep].astype(np.int64)
+
+
+def _polygons_to_mask(parts: Sequence, height: int, width: int) -> np.ndarray:
+    """Union of polygon parts (COCO `[[x0, y0, x1, y1, ...], ...]`) -> (H, W) uint8."""
+    if not parts:
+        raise ValueError("empty polygon list (no parts)")
+    toggles = np.zeros(height * width + 1, np.int64)
+    union = np.zeros(height * width, bool)
+    for i, part in enumerate(parts):
+        try:
+            xy = np.asarray(part, dtype=np.float64)
+        except (TypeError, ValueError):
+            xy = np.empty(0)
+        if xy.ndim != 1 or len(xy) < 2 or not np.isfinite(xy).all():
+            raise ValueError(f"polygon part {i} must be a flat list of finite x, y numbers, "
+                             f"got {str(part)[:60]}")
+        # pycocotools reads int(len / 2) vertices: an odd trailing number is ignored
+        positions = _polygon_toggles(xy[: len(xy) // 2 * 2], height, width)
+        toggles[:] = 0
+        np.add.at(toggles, positions, 1)
+        union |= (np.cumsum(toggles[:-1]) % 2).astype(bool)
+    return union.reshape(width, height).T.astype(np.uint8)  # column-major -> (H, W)
+
+
+def _rle_string_to_counts(s: Union[str, bytes]) -> list[int]:
+    """COCO compressed RLE string -> run lengths (maskApi.c rleFrString).
+
+    Each count is written in 5-bit groups, least significant first, one character (chr(48 + g))
+    per group; bit 0x20 says another group follows and bit 0x10 of the last group is the sign.
+    From the fourth count on, the value stored is the difference to the count two places back.
+    """
+    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                raise ValueError("compressed RLE string ends in the middle of a count")
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE string has an invalid character {chr(data[p])!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x & 0xFFFFFFFF)  # C stores counts as uint32
+    return counts
+
+
+def _rle_counts_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
+    """Alternating run lengths (zeros first, column-major) -> (H, W) uint8."""
+    runs = np.asarray(counts, dtype=np.int64)
+    if runs.ndim != 1 or (runs < 0).any():
+        raise ValueError("RLE counts must be a flat list of non-negative integers")
+    if runs.sum() != height * width:
+        raise ValueError(f"RLE counts sum to {int(runs.sum())}, expected height*width = "
+                         f"{height}*{width} = {height * width}")
+    values = np.arange(len(runs)) % 2  # 0, 1, 0, 1, ...
+    flat = np.repeat(values.astype(np.uint8), runs)
+    return flat.reshape(width, height).T.copy()
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation into a binary mask, exactly as pycocotools does.
+
+    Args:
+        segmentation: one of
+            - polygons: a list of parts `[[x0, y0, x1, y1, ...], ...]` (their union is the mask,
+              like COCO.annToMask);
+            - uncompressed RLE `{"counts": [int, ...], "size": [h, w]}` (iscrowd annotations);
+            - compressed RLE `{"counts": "string" or b"bytes", "size": [h, w]}`.
+        height, width: image size; an RLE's own "size" must agree with it.
+    Returns:
+        (height, width) uint8 array of {0, 1}.
+    Raises:
+        ValueError naming what is malformed.
+
+    One deliberate difference: pycocotools treats a polygon list whose *first* part has exactly
+    four numbers as bounding boxes; here every part is a polygon.
+    """
+    if isinstance(segmentation, list):
+        return _polygons_to_mask(segmentation, height, width)
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = segmentation["size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) for v in size)):
+            raise ValueError(f"RLE 'size' must be [height, width], got {size!r}")
+        if tuple(size) != (height, width):
+            raise ValueError(f"RLE size {list(size)} differs from the image size "
+                             f"[{height}, {width}]")
+        counts = segmentation["counts"]
+        if isinstance(counts, (str, bytes)):
+            counts = _rle_string_to_counts(counts)
+        elif not isinstance(counts, list):
+            raise ValueError("RLE 'counts' must be a list or a string, got "
+                             f"{type(counts).__name__}")
+        return _rle_counts_to_mask(counts, height, width)
+    raise ValueError("segmentation must be a list of polygons or a dict with 'counts' and 'size', "
+                     f"got {type(segmentation).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The refer layout on disk
+# ---------------------------------------------------------------------------------------------
+# DATA_ROOT/<dataset>/refs(<split_by>).p (or .json) and instances.json; COCO train2014 images in the
+# first of these folders that exists (else DATA_ROOT/<dataset>/images/). data.load_refs reads this
+# layout, fetch.download_refer fills it.
+
+IMAGE_DIR_CANDIDATES = (
+    ("images", "train2014"),
+    ("images", "mscoco", "images", "train2014"),  # the refer API's own layout
+)
+
+
+def find_image_dir(data_root: str, dataset: str) -> str:
+    """First existing image folder among the documented layouts (the first one if none exists)."""
+    candidates = [os.path.join(data_root, *parts) for parts in IMAGE_DIR_CANDIDATES]
+    candidates.append(os.path.join(data_root, dataset, "images"))
+    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
+
+
+def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
+    """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
+    return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
+
+
+def read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:
+    """Raw ref records from refs(<split_by>).json (preferred: no unpickling) or .p."""
+    folder = os.path.join(data_root, dataset)
+    json_path = os.path.join(folder, f"refs({split_by}).json")
+    pickle_path = os.path.join(folder, f"refs({split_by}).p")
+    if os.path.isfile(json_path):
+        path, records = json_path, load_json(json_path)
+    elif os.path.isfile(pickle_path):
+        path, records = pickle_path, _load_plain_pickle(pickle_path)
+    else:
+        raise FileNotFoundError(f"no refs file for {dataset} ({split_by}): looked for "
+                                f"{pickle_path} and {json_path}")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of ref records, got {type(records).__name__}")
+    return records, path
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Untrusted files: plain-data pickles, JSON, field checks
+# ---------------------------------------------------------------------------------------------
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A refs pickle asked for a class or function: refused, nothing from it was run."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickler for untrusted files: builds dicts, lists, tuples, strings and numbers only.
+
+    Everything that could run code in a pickle goes through `find_class` (GLOBAL, STACK_GLOBAL,
+    and the copyreg EXT opcodes), so refusing every class refuses every callable, REDUCE included.
+    """
+
+    def __init__(self, file, path: str, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module, name):
+        raise UnsafePickleError(
+            f"{self.path}: refusing to load '{module}.{name}': refs files must contain plain data "
+            "only (dict, list, tuple, str, numbers); convert it to JSON if it holds anything else")
+
+
+def _load_plain_pickle(path: str):
+    """Load a (possibly Python 2) pickle of plain data without ever executing code from it.
+
+    Python 2 `str` objects arrive as bytes; they are decoded as UTF-8 and, if that fails, as
+    Latin-1 (which accepts every byte sequence).
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    for encoding in ("utf-8", "latin1"):
+        try:
+            return _PlainDataUnpickler(io.BytesIO(raw), path, encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # truncated, not a pickle at all, persistent ids, ...
+            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+    raise ValueError(f"{path}: cannot decode the strings in this pickle")
+
+
+def load_json(path: str):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_fields(record, fields: dict, where: str) -> None:
+    """ValueError naming `where` unless `record` is a dict with `fields` of the given types."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
+    for key, kind in fields.items():
+        if key not in record:
+            raise ValueError(f"{where}: missing field '{key}'")
+        value = record[key]
+        ok = is_int(value) if kind is int else isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, "
+                             f"got {type(value).__name__}")
