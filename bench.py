@@ -44,7 +44,7 @@ from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import SAM, SAMConfig
-from sam_cache import sam_embeddings
+from sam_cache import sam_cache_path, sam_embeddings
 
 SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
 # Training images of the paper's run (§4.2: RefCOCO + RefCOCO+ + G-Ref, evaluation images removed), an
@@ -344,7 +344,7 @@ def bench_train_step(args) -> dict:
                         sam_embeddings(model, {"sam_images": chunk["sam_images"][i:i + 1],
                                                "image_ids": chunk["image_ids"][i:i + 1],
                                                "sam_embeddings": [None]}, device, cache_dir)
-                    chunk["sam_embeddings"] = [torch.load(data.sam_cache_path(cache_dir, i), weights_only=True)
+                    chunk["sam_embeddings"] = [torch.load(sam_cache_path(cache_dir, i), weights_only=True)
                                                for i in chunk["image_ids"]]
                     chunk["sam_images"] = None
         _sync(args.device)

@@ -56,6 +56,7 @@ from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
 from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, read_refs_file
 from fetch import DOWNLOAD_SPLIT_BY, REFER_MIRRORS, download_refer
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
+from sam_cache import sam_cache_path
 
 logger = logging.getLogger("data")
 
@@ -499,11 +500,6 @@ class RefEvalSet(_ImageSet):
     def __getitem__(self, index: int) -> dict:
         image = _open_image(self.data.images[self.image_ids[index]]["path"])
         return self._item(index, image, self.pairs[index], with_original=True)
-
-
-def sam_cache_path(folder: str, image_id: int) -> str:
-    """One file per image; written to a temporary name and renamed, so a crash leaves no torn file here."""
-    return os.path.join(folder, f"{int(image_id)}.pt")
 
 
 def collate(items: Sequence[dict]) -> dict:

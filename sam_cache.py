@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import data
 from checkpoints import write_then_rename
 
 if TYPE_CHECKING:  # annotations only
     from prompt_ris import PromptRIS
     from train import TrainConfig
+
+
+def sam_cache_path(folder: str, image_id: int) -> str:
+    """One file per image; written to a temporary name and renamed, so a crash leaves no torn file here."""
+    return os.path.join(folder, f"{int(image_id)}.pt")
 
 
 def sam_weights_hash(model: PromptRIS, amp_dtype, data_root: str = "") -> str:
@@ -61,7 +65,7 @@ def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None)
     missing = [b for b, e in enumerate(embeddings) if e is None]
     fresh = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if missing else []
     for b, embedding in zip(missing, fresh):
-        path = data.sam_cache_path(cache_dir, batch["image_ids"][b])
+        path = sam_cache_path(cache_dir, batch["image_ids"][b])
         write_then_rename(path, lambda f, e=embedding: torch.save(e.cpu().clone(), f))
     fresh = dict(zip(missing, fresh))
     return torch.stack([fresh[b] if e is None else e.to(device, non_blocking=True) for b, e in enumerate(embeddings)])
