@@ -28,7 +28,7 @@ Training, as train.py drives it (§4.2: the three datasets combined, evaluation 
              load_refs(root, "refcocog", "umd")]
     train_set = RefTrainSet(datas, Tokenizer(), sentences_per_image=4)
     for epoch in range(epochs):
-        train_set.set_epoch(epoch)  # sentence draws depend on (seed, epoch, index) only
+        train_set.set_epoch(epoch, stage=1 if epoch < 20 else 2)  # sentence draws: (seed, epoch, index)
         # this rank's image indices of every step: one shuffle per epoch, each rank a share of each batch
         steps = train.epoch_batches(len(train_set), epoch, seed, 16, rank, world)
         for batch in DataLoader(train_set, batch_sampler=steps, collate_fn=collate):
@@ -332,17 +332,17 @@ class _ImageSet(torch.utils.data.Dataset):
     """Shared part of the train and eval sets: images grouped with their (ref, sentence) pairs."""
 
     def __init__(self, data: RefData, refs: Sequence[dict], tokenizer, clip_size: int,
-                 sam_size: int, context_length: int):
+                 sam_size: int, context_length: int, image_dtype: torch.dtype):
         self.data = data
         self.tokenizer = tokenizer
         self.clip_size = clip_size
         self.sam_size = sam_size
         self.context_length = context_length
-        self.with_sam_images = True  # False: items carry no SAM input (training stage 1 does not use it)
-        self.sam_cache: Optional[str] = None  # train.py --cache-sam: a cached F_IS replaces the SAM input
-        # train.py: bfloat16 under bf16 autocast, half the bytes to the device and exact, since the first layer
-        # of either tower (a convolution) rounds its float32 input to exactly these values
-        self.image_dtype = torch.float32
+        # bfloat16 under bf16 autocast: half the bytes to the device and exact, since the first layer of either
+        # tower (a convolution) rounds its float32 input to exactly these values
+        self.image_dtype = image_dtype
+        self.with_sam_images = True  # RefTrainSet.set_epoch: training stage 1 never looks at SAM's input
+        self.sam_cache: Optional[str] = None  # RefTrainSet.use_sam_cache: a cached F_IS replaces the SAM input
         by_image: dict[int, list] = {}
         for r in refs:
             by_image.setdefault(r["image_id"], []).extend((r, s) for s in r["sentences"])
@@ -409,8 +409,8 @@ class RefTrainSet(_ImageSet):
 
     Randomness comes from numpy's Generator seeded with (seed, epoch, index) only: an item is
     the same whichever worker or rank loads it, and a resumed run replays it exactly. Call
-    `set_epoch(e)` before each epoch (with `persistent_workers=True` the workers keep the copy of
-    the dataset they were started with, so do not combine the two).
+    `set_epoch(epoch, stage)` before each epoch (with `persistent_workers=True` the workers keep the
+    copy of the dataset they were started with, so do not combine the two).
 
     An image that cannot be opened is skipped with a logged warning and replaced by the next
     index (deterministically); `max_skips` consecutive failures raise.
@@ -428,7 +428,8 @@ class RefTrainSet(_ImageSet):
                  clip_size: int = 480, sam_size: int = 1024, sentences_per_image: int = 4,
                  seed: int = 0, split: str = "train", word_drop: float = 0.2,
                  category_ids: Optional[Collection[int]] = None, context_length: int = 77,
-                 max_skips: int = 16, held_out_from: Sequence[RefData] = ()):
+                 max_skips: int = 16, held_out_from: Sequence[RefData] = (),
+                 image_dtype: torch.dtype = torch.float32):
         datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
         combined = combine_for_training(datas, split, held_out_from)
         refs = combined.refs
@@ -439,15 +440,24 @@ class RefTrainSet(_ImageSet):
         if not refs:
             raise ValueError(f"no '{split}' refs left in {combined.dataset} after removing "
                              "evaluation images and other categories")
-        super().__init__(combined, refs, tokenizer, clip_size, sam_size, context_length)
+        super().__init__(combined, refs, tokenizer, clip_size, sam_size, context_length, image_dtype)
         self.sentences_per_image = sentences_per_image
         self.seed = seed
         self.word_drop = word_drop
         self.max_skips = max_skips
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, stage: int = 2) -> None:
+        """Before each epoch: the sentence draws of `epoch`; in training stage 1 (§4.2: the coarse mask only) items
+        carry no SAM input and their masks are framed at CLIP's size. Read by every loader worker, which gets its
+        copy of the dataset when the epoch's DataLoader starts."""
         self.epoch = epoch
+        self.with_sam_images = stage == 2
+
+    def use_sam_cache(self, folder: str | None) -> None:
+        """train.py --cache-sam: items carry the F_IS a frozen SAM gave their image, read from `folder` (in the
+        loader workers), or their SAM input when it is not cached yet. None: no cache."""
+        self.sam_cache = folder
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
@@ -489,12 +499,12 @@ class RefEvalSet(_ImageSet):
 
     def __init__(self, refs_data: RefData, split: str, tokenizer, clip_size: int = 480,
                  sam_size: int = 1024, category_ids: Optional[Collection[int]] = None,
-                 context_length: int = 77):
+                 context_length: int = 77, image_dtype: torch.dtype = torch.float32):
         refs = refs_data.split_refs(split)
         if category_ids is not None:
             keep = set(category_ids)
             refs = [r for r in refs if r["category_id"] in keep]
-        super().__init__(refs_data, refs, tokenizer, clip_size, sam_size, context_length)
+        super().__init__(refs_data, refs, tokenizer, clip_size, sam_size, context_length, image_dtype)
         self.split = split
 
     def __getitem__(self, index: int) -> dict:

@@ -264,12 +264,11 @@ def main(argv=None) -> dict:
     log.run_header(tc, raw_model, train_towers, procs, amp_dtype)
 
     # -- data (§4.1, §4.2): images with b sentences each; the global batch is split across ranks --
-    train_set, val_set, held_out = build_data(tc, tokenizer, procs.master)
+    train_set, val_set, held_out = build_data(tc, tokenizer, procs.master, amp_dtype or torch.float32)
     log.held_out(held_out)  # how many images and refs each training set lost to the hold-out, and why
     if tc.seen_only:  # Table 2
         log(f"--seen-only: {train_set.dropped_refs} training refs of unseen or other categories dropped, "
             f"{sum(map(len, train_set.pairs))} sentences of {len(train_set)} images kept")
-    train_set.image_dtype = val_set.image_dtype = amp_dtype or torch.float32  # bf16 pixels: exact, half the bytes
     schedule = Schedule.of(tc, len(train_set), procs.world)
     periodic_val = periodic_val_set(val_set, tc)
 
@@ -277,7 +276,8 @@ def main(argv=None) -> dict:
     params = raw_model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,  # fused: one kernel, ~4x
                                   fused=procs.device.type in ("cpu", "cuda"))       # faster than per tensor
-    sam_cache = train_set.sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype, len(train_set), log)
+    sam_cache = sam_cache_dir(tc, raw_model, train_towers, amp_dtype, len(train_set), log)
+    train_set.use_sam_cache(sam_cache)
 
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
@@ -360,9 +360,10 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
     return model, train_towers
 
 
-def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
+def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype: torch.dtype = torch.float32):
     """(train set, val set, hold-out report) from the refer-API layout; the demo's built-in data is written first.
-    The report (hold_out_report) says how many images and refs each training set lost to the hold-out, and why."""
+    The report (hold_out_report) says how many images and refs each training set lost to the hold-out, and why.
+    image_dtype: of the pixels the sets give (bfloat16 under bf16 autocast: exact, half the bytes)."""
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
     if all(name == "synth" for name, _ in specs + [val_spec]):
         if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
@@ -380,9 +381,10 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool):
     held_out = [loaded[val_spec]] + (list(partitions.values()) if tc.hold_out_other_partition else [])
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
-                                 held_out_from=held_out, category_ids=data.OV_SEEN_CATEGORIES if tc.seen_only else None)
+                                 held_out_from=held_out, category_ids=data.OV_SEEN_CATEGORIES if tc.seen_only else None,
+                                 image_dtype=image_dtype)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
-                              sam_size=tc.sam_size)
+                              sam_size=tc.sam_size, image_dtype=image_dtype)
     return train_set, val_set, hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)
 
 
@@ -514,8 +516,7 @@ def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConf
     skips what was consumed)."""
     batches = epoch_batches(len(train_set), state.epoch, tc.seed, tc.images_per_batch, procs.rank,
                             procs.world)[state.batch_in_epoch:]
-    train_set.set_epoch(state.epoch)
-    train_set.with_sam_images = schedule.stage(state.epoch) == 2  # stage 1 never looks at SAM's 1024 px input
+    train_set.set_epoch(state.epoch, schedule.stage(state.epoch))  # stage 1 never looks at SAM's 1024 px input
     workers = loader_workers(tc, procs.device)
     return DataLoader(train_set, batch_sampler=batches, num_workers=workers, pin_memory=procs.device.type == "cuda",
                       collate_fn=partial(collate_micro_batches, size=tc.micro_batch, seed=tc.seed, epoch=state.epoch),

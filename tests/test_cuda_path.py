@@ -372,7 +372,7 @@ def test_sam_cache_key_includes_the_data_root_and_ignores_torn_files(micro_root,
     assert sam_cache.sam_weights_hash(model, None, "a") != sam_cache.sam_weights_hash(model, None, "b")
     tc = train.parse_args(micro_args(micro_root, "unused"))
     train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
-    train_set.sam_cache = str(tmp_path)
+    train_set.use_sam_cache(str(tmp_path))
     image_id = train_set.image_ids[0]
     (tmp_path / f"{image_id}.pt.tmp123").write_bytes(b"torn")  # a crash mid-write
     assert train_set.cached_sam_embedding(image_id) is None
@@ -404,7 +404,7 @@ def test_bf16_images_give_bitwise_the_float32_images_result_under_bf16_autocast(
 def test_stage1_masks_are_framed_at_clip_size_and_uint8(micro_root):
     tc = train.parse_args(micro_args(micro_root, "unused", "--clip-size", "48"))
     train_set, _, _ = train.build_data(tc, train.Tokenizer(None), master=True)
-    train_set.with_sam_images = False
+    train_set.set_epoch(0, stage=1)
     batch = data.collate([train_set[i] for i in range(2)])
     assert batch["masks"].shape[1:] == (48, 48) and batch["masks"].dtype == torch.uint8
     assert batch["sam_images"] is None

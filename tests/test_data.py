@@ -483,7 +483,7 @@ def test_items_without_sam_input_keep_everything_else(synth):
     input is unchanged and the masks cover the same share of every CLIP grid cell (the coarse target)."""
     ds = train_set(synth)
     full = data.collate([ds[0], ds[1]])
-    ds.with_sam_images = False
+    ds.set_epoch(0, stage=1)
     light = data.collate([ds[0], ds[1]])
     assert full["sam_images"] is not None and light["sam_images"] is None
     for key in ("clip_images", "tokens", "input_sizes", "instance_ids"):
