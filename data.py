@@ -30,7 +30,7 @@ Training, as train.py drives it (§4.2: the three datasets combined, evaluation 
     for epoch in range(epochs):
         train_set.set_epoch(epoch, stage=1 if epoch < 20 else 2)  # sentence draws: (seed, epoch, index)
         # this rank's image indices of every step: one shuffle per epoch, each rank a share of each batch
-        steps = train.epoch_batches(len(train_set), epoch, seed, 16, rank, world)
+        steps = epoch_batches(len(train_set), epoch, seed, 16, rank, world)
         for batch in DataLoader(train_set, batch_sampler=steps, collate_fn=collate):
             ...  # 16 images x 4 sentences = 64 sentences (train.py collates each micro-batch)
 
@@ -328,6 +328,18 @@ def drop_words(sentence: str, rng: np.random.Generator, p: float) -> str:
     return " ".join(w for w, k in zip(words, keep) if k)
 
 
+def epoch_batches(n_images: int, epoch: int, seed: int, images_per_batch: int, rank: int, world: int
+                  ) -> list[list[int]]:
+    """This rank's image indices for every step of `epoch`. One shuffle of all images (seed + epoch), cut
+    into global batches of images_per_batch (the incomplete last one dropped); rank r takes the r-th
+    contiguous share of each. The global batch of a step is the same images, in the same order, for any
+    number of processes: the ranks' shares laid end to end are the one-process batch."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = images_per_batch // world
+    return [order[start + rank * per_rank:start + (rank + 1) * per_rank]
+            for start in range(0, n_images - images_per_batch + 1, images_per_batch)]
+
+
 class _ImageSet(torch.utils.data.Dataset):
     """Shared part of the train and eval sets: images grouped with their (ref, sentence) pairs."""
 
@@ -419,8 +431,8 @@ class RefTrainSet(_ImageSet):
     dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
     as some ref of it is kept.
 
-    Use with a DataLoader whose batch_sampler lists the B image indices of each step (train.py's
-    epoch_batches, which also gives each rank its share) and `collate`, which flattens the b
+    Use with a DataLoader whose batch_sampler lists the B image indices of each step
+    (epoch_batches, which also gives each rank its share) and `collate`, which flattens the b
     sentences of every image.
     """
 

@@ -14,7 +14,7 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -378,3 +378,38 @@ class RunLog:
 def significant(x: float, digits: int = 2) -> str:
     """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
     return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
+
+
+def build_parser(defaults, presets: dict, doc: str) -> argparse.ArgumentParser:
+    """One flag per field of the config dataclass `defaults`; help = what it does, the paper section, the paper and
+    demo values (presets["paper"], presets["demo"]); `doc` gives the description and the epilog."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(defaults):
+        meta = dict(f.metadata)
+        help_text, section = meta.pop("help"), meta.pop("section")
+        paper, demo = getattr(presets["paper"], f.name), getattr(presets["demo"], f.name)
+        help_text += f" [{section}]" if section else ""
+        help_text += f" (paper: {paper}" + (f"; demo: {demo})" if demo != paper else ")")
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text.replace("%", "%%"))
+        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
+            allowed = NumberRange(int if f.type == "int" else float, **meta)
+            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
+        else:
+            kind = meta.pop("type", type(default))
+            parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
+    return parser
+
+
+def read_json(path: str, why: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found ({why})")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e

@@ -50,14 +50,15 @@ from eval import evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
-from runtime import (NumberRange, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs, dataset_specs,
-                     gather_metrics, loader_workers, mean_over_ranks, out_of_memory_message, peak_memory_mb,
-                     reset_peak_memory, setup_processes, shutdown, stop_if_not_finite, wrap_model)
+from runtime import (OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, build_parser, check_inputs,
+                     dataset_specs, gather_metrics, loader_workers, mean_over_ranks, out_of_memory_message, peak_memory_mb,
+                     read_json, reset_peak_memory, setup_processes, shutdown, stop_if_not_finite, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
 
 # ---------------------------------------------------------------------------------------------
 # Knobs: one dataclass, defaults = the paper (§4.2); --help lists each with its section
 # ---------------------------------------------------------------------------------------------
+
 
 _MODEL_DEFAULTS = PromptRISConfig()  # prompt dropout and Gumbel temperature live in the model config
 
@@ -162,31 +163,9 @@ def demo_preset() -> TrainConfig:
 
 
 PRESETS = {"paper": TrainConfig(config="paper"), "demo": demo_preset()}
+
+
 PER_RUN_FLAGS = ("resume", "max_steps")  # never taken over from a resumed run's config.json
-
-
-def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
-    """One flag per TrainConfig field; help = what it does, the paper section, the paper and demo values."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        help_text, section = meta.pop("help"), meta.pop("section")
-        paper, demo = getattr(PRESETS["paper"], f.name), getattr(PRESETS["demo"], f.name)
-        help_text += f" [{section}]" if section else ""
-        help_text += f" (paper: {paper}" + (f"; demo: {demo})" if demo != paper else ")")
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text.replace("%", "%%"))
-        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
-            allowed = NumberRange(int if f.type == "int" else float, **meta)
-            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
-        else:
-            kind = meta.pop("type", type(default))
-            parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
-    return parser
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -207,12 +186,12 @@ def parse_args(argv=None) -> TrainConfig:
     defaults = PRESETS[preset]
     if known.resume:
         out = known.out or defaults.out
-        saved = _read_json(os.path.join(out, "config.json"), "--resume needs the run's config.json")
+        saved = read_json(os.path.join(out, "config.json"), "--resume needs the run's config.json")
         unknown = sorted(set(saved.get("train", {})) - {f.name for f in fields(TrainConfig)})
         if unknown or "train" not in saved:
             raise ValueError(f"{os.path.join(out, 'config.json')}: no 'train' entry or unknown keys {unknown}")
         defaults = replace(TrainConfig(**saved["train"]), **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
-    parser = build_parser(defaults)
+    parser = build_parser(defaults, PRESETS, __doc__)
     tc = TrainConfig(**vars(parser.parse_args(argv)))
     conflict = flag_conflict(tc)
     if conflict:
@@ -229,18 +208,64 @@ def flag_conflict(tc: TrainConfig) -> str | None:
     return None
 
 
-def _read_json(path: str, why: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found ({why})")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+# ---------------------------------------------------------------------------------------------
+# The schedule (§4.2): two stages, polynomial LR decay over all epochs, counted in global steps
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    """Two stages and a polynomial LR decay over all epochs (§4.2), counted in global steps."""
+    steps_per_epoch: int
+    total_steps: int
+    max_steps: int
+    stage1_epochs: int
+    use_sam: bool
+    per_rank: int
+    tc: TrainConfig
+
+    @classmethod
+    def of(cls, tc: TrainConfig, n_images: int, world: int) -> "Schedule":
+        per_rank = tc.images_per_batch // world
+        steps_per_epoch = n_images // tc.images_per_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"{n_images} training images give no full batch of {tc.images_per_batch}")
+        total = tc.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam,
+                   per_rank, tc)
+
+    def stage(self, epoch: int) -> int:
+        """1: CLIP + CMP + ICL on the coarse mask; 2: the whole model end to end."""
+        return 1 if epoch < self.stage1_epochs or not self.use_sam else 2
+
+    @property
+    def final_stage(self) -> int:
+        return self.stage(self.tc.epochs - 1)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.tc)
+
+    def describe(self) -> str:
+        stop = f", stopping at {self.max_steps}" if self.max_steps < self.total_steps else ""
+        return (f"{self.steps_per_epoch} steps per epoch x {self.tc.epochs} epochs = {self.total_steps} steps{stop}; "
+                f"stage 2 (end to end) from epoch {self.stage1_epochs}")
+
+
+def lr_at(step: int, total: int, tc: TrainConfig) -> float:
+    """§4.2 polynomial decay lr * (1 - step / total) ** 0.9, after an optional linear warm-up."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    return tc.lr * (1 - step / total) ** tc.lr_power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 # ---------------------------------------------------------------------------------------------
-# The training run, in the paper's order; every step below is a named function further down
+# The training run, in the paper's order
 # ---------------------------------------------------------------------------------------------
 
 
@@ -410,16 +435,18 @@ def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_pa
     return report
 
 
-def epoch_batches(n_images: int, epoch: int, seed: int, images_per_batch: int, rank: int, world: int
-                  ) -> list[list[int]]:
-    """This rank's image indices for every step of `epoch`. One shuffle of all images (seed + epoch), cut
-    into global batches of images_per_batch (the incomplete last one dropped); rank r takes the r-th
-    contiguous share of each. The global batch of a step is the same images, in the same order, for any
-    number of processes: the ranks' shares laid end to end are the one-process batch."""
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = images_per_batch // world
-    return [order[start + rank * per_rank:start + (rank + 1) * per_rank]
-            for start in range(0, n_images - images_per_batch + 1, images_per_batch)]
+def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConfig,
+                 procs: Processes) -> DataLoader:
+    """The rest of the current epoch's steps for this rank, each a list of micro-batches (a resumed run
+    skips what was consumed)."""
+    batches = data.epoch_batches(len(train_set), state.epoch, tc.seed, tc.images_per_batch, procs.rank,
+                            procs.world)[state.batch_in_epoch:]
+    train_set.set_epoch(state.epoch, schedule.stage(state.epoch))  # stage 1 never looks at SAM's 1024 px input
+    workers = loader_workers(tc, procs.device)
+    return DataLoader(train_set, batch_sampler=batches, num_workers=workers, pin_memory=procs.device.type == "cuda",
+                      collate_fn=partial(collate_micro_batches, size=tc.micro_batch, seed=tc.seed, epoch=state.epoch),
+                      prefetch_factor=4 if workers else None,  # keep the next steps' images ready
+                      generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
 
 
 def collate_micro_batches(items: list[dict], size: int, seed: int, epoch: int) -> list[dict]:
@@ -437,91 +464,9 @@ def collate_micro_batches(items: list[dict], size: int, seed: int, epoch: int) -
     return chunks
 
 
-def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
-    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
-    Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"].
-    The batch's "sample_keys" (training batches) key its Gumbel noise and prompt dropout. Copies are
-    asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
-    def to(key):
-        return batch[key].to(device, non_blocking=True)
-    sam_images = to("sam_images") if use_sam and sam_features is None else None
-    index = to("image_index")
-    keys = to("sample_keys") if "sample_keys" in batch else None
-    tokens = to("tokens")
-    torch._dynamo.mark_dynamic(tokens, 1)  # --compile: the text length (a multiple of 8) varies, one graph for all
-    out = model(to("clip_images"), tokens, index, sam_embeddings=sam_features, sam_images=sam_images,
-                use_sam=use_sam, prepared=True, sample_keys=keys)
-    return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
-
-
 # ---------------------------------------------------------------------------------------------
-# The schedule (§4.2) and one training step
+# One training step: micro-batches -> forward -> Eq. (9) -> backward -> clip -> AdamW
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Schedule:
-    """Two stages and a polynomial LR decay over all epochs (§4.2), counted in global steps."""
-    steps_per_epoch: int
-    total_steps: int
-    max_steps: int
-    stage1_epochs: int
-    use_sam: bool
-    per_rank: int
-    tc: TrainConfig
-
-    @classmethod
-    def of(cls, tc: TrainConfig, n_images: int, world: int) -> "Schedule":
-        per_rank = tc.images_per_batch // world
-        steps_per_epoch = n_images // tc.images_per_batch
-        if steps_per_epoch == 0:
-            raise ValueError(f"{n_images} training images give no full batch of {tc.images_per_batch}")
-        total = tc.epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam,
-                   per_rank, tc)
-
-    def stage(self, epoch: int) -> int:
-        """1: CLIP + CMP + ICL on the coarse mask; 2: the whole model end to end."""
-        return 1 if epoch < self.stage1_epochs or not self.use_sam else 2
-
-    @property
-    def final_stage(self) -> int:
-        return self.stage(self.tc.epochs - 1)
-
-    def lr(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.tc)
-
-    def describe(self) -> str:
-        stop = f", stopping at {self.max_steps}" if self.max_steps < self.total_steps else ""
-        return (f"{self.steps_per_epoch} steps per epoch x {self.tc.epochs} epochs = {self.total_steps} steps{stop}; "
-                f"stage 2 (end to end) from epoch {self.stage1_epochs}")
-
-
-def lr_at(step: int, total: int, tc: TrainConfig) -> float:
-    """§4.2 polynomial decay lr * (1 - step / total) ** 0.9, after an optional linear warm-up."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.lr * (1 - step / total) ** tc.lr_power
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConfig,
-                 procs: Processes) -> DataLoader:
-    """The rest of the current epoch's steps for this rank, each a list of micro-batches (a resumed run
-    skips what was consumed)."""
-    batches = epoch_batches(len(train_set), state.epoch, tc.seed, tc.images_per_batch, procs.rank,
-                            procs.world)[state.batch_in_epoch:]
-    train_set.set_epoch(state.epoch, schedule.stage(state.epoch))  # stage 1 never looks at SAM's 1024 px input
-    workers = loader_workers(tc, procs.device)
-    return DataLoader(train_set, batch_sampler=batches, num_workers=workers, pin_memory=procs.device.type == "cuda",
-                      collate_fn=partial(collate_micro_batches, size=tc.micro_batch, seed=tc.seed, epoch=state.epoch),
-                      prefetch_factor=4 if workers else None,  # keep the next steps' images ready
-                      generator=torch.Generator().manual_seed(tc.seed))  # not the global RNG
 
 
 PER_IMAGE_TERMS = ("icl_clip", "icl_sam")  # Eq. (8) averages over images; the seg losses over sentences
@@ -571,6 +516,28 @@ def accumulate_gradients(model, raw_model: PromptRIS, micro_batches: list[dict],
             terms["loss"].backward()
         summed = {k: summed.get(k, 0) + v.detach() for k, v in terms.items()}
     return summed
+
+
+def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
+    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
+    Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"].
+    The batch's "sample_keys" (training batches) key its Gumbel noise and prompt dropout. Copies are
+    asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
+    def to(key):
+        return batch[key].to(device, non_blocking=True)
+    sam_images = to("sam_images") if use_sam and sam_features is None else None
+    index = to("image_index")
+    keys = to("sample_keys") if "sample_keys" in batch else None
+    tokens = to("tokens")
+    torch._dynamo.mark_dynamic(tokens, 1)  # --compile: the text length (a multiple of 8) varies, one graph for all
+    out = model(to("clip_images"), tokens, index, sam_embeddings=sam_features, sam_images=sam_images,
+                use_sam=use_sam, prepared=True, sample_keys=keys)
+    return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
 
 
 def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Processes, amp_dtype) -> dict:

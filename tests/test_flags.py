@@ -9,7 +9,7 @@ import eval as ris_eval
 import runtime
 import train
 
-PARSERS = {"train.py": (train.build_parser(train.PRESETS["demo"]), train.main),
+PARSERS = {"train.py": (runtime.build_parser(train.PRESETS["demo"], train.PRESETS, train.__doc__), train.main),
            "eval.py": (ris_eval.build_parser(), ris_eval.main)}
 
 

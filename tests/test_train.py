@@ -146,12 +146,12 @@ def test_micro_batch_gradient_equals_the_whole_batch_gradient(micro_root):
 
 
 def test_global_batch_is_the_same_images_for_any_number_of_processes():
-    one = train.epoch_batches(50, epoch=3, seed=7, images_per_batch=8, rank=0, world=1)
+    one = data.epoch_batches(50, epoch=3, seed=7, images_per_batch=8, rank=0, world=1)
     assert len(one) == 6 and sorted(i for b in one for i in b) != list(range(48))  # shuffled, tail dropped
     for world in (2, 4, 8):
-        shares = [train.epoch_batches(50, 3, 7, 8, rank, world) for rank in range(world)]
+        shares = [data.epoch_batches(50, 3, 7, 8, rank, world) for rank in range(world)]
         assert [sum((s[t] for s in shares), []) for t in range(6)] == one  # ranks laid end to end
-    assert train.epoch_batches(50, 4, 7, 8, 0, 1) != one  # a new shuffle every epoch
+    assert data.epoch_batches(50, 4, 7, 8, 0, 1) != one  # a new shuffle every epoch
 
 
 def test_sample_keys_follow_the_image_not_the_layout(micro_root):
@@ -255,7 +255,7 @@ def test_ranks_together_see_exactly_the_global_batch_of_one_process():
     """Several GPUs (README "Running for days"): at every step of every epoch the two ranks' images are
     exactly one process's global batch of 8; the incomplete last batch is dropped alike."""
     def batches(world, rank, epoch):  # 23 images, as train.epoch_loader asks for them
-        return train.epoch_batches(23, epoch, seed=0, images_per_batch=8, rank=rank, world=world)
+        return data.epoch_batches(23, epoch, seed=0, images_per_batch=8, rank=rank, world=world)
 
     for epoch in (0, 1):
         one, (rank0, rank1) = batches(1, 0, epoch), (batches(2, rank, epoch) for rank in (0, 1))
