@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -324,6 +325,55 @@ def test_the_same_refs_given_twice_are_kept_once(tmp_path):
     write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="google")
     umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
     assert [r["ref_id"] for r in data.combine_for_training([umd, google]).refs] == [0, 1]
+
+
+def test_umd_and_google_copies_of_an_object_are_kept_once(tmp_path, caplog):
+    """G-Ref's two partitions split the same expressions: the same ann_id and sent_ids under other ref_ids.
+    Combined, each object counts once (and the log says how many were dropped)."""
+    refs, instances = tiny_records()
+    google = [dict(r, ref_id=r["ref_id"] + 50) for r in refs]  # the google partition numbers its refs anew
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
+    write_tree(str(tmp_path), google, instances, dataset="refcocog", split_by="google")
+    umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
+    with caplog.at_level(logging.INFO, logger="data"):
+        combined = data.combine_for_training([umd, google])
+    assert [r["ref_id"] for r in combined.refs] == [0, 1]
+    assert "2 refs" in caplog.text and "refcocog" in caplog.text
+
+
+def test_refcoco_and_refcoco_plus_of_one_object_both_stay(tmp_path):
+    """RefCOCO and RefCOCO+ describe the same objects on purpose: never merged, even with equal sent_ids."""
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path), refs, instances, dataset="refcoco")
+    write_tree(str(tmp_path), refs, instances, dataset="refcoco+")
+    datas = [data.load_refs(str(tmp_path), name, "unc") for name in ("refcoco", "refcoco+")]
+    combined = data.combine_for_training(datas)
+    assert [r["ann_id"] for r in combined.refs] == [100, 101, 100, 101]
+
+
+def test_sentences_without_sent_id_are_matched_by_their_text(tmp_path):
+    """Records without sent_ids (hand-made files): a partition's copy of a ref is recognised by its
+    sentences' text instead; another text for the same object is a new expression and stays."""
+    refs, instances = tiny_records()
+    for r in refs:
+        for s in r["sentences"]:
+            del s["sent_id"]
+    other = [dict(r, ref_id=r["ref_id"] + 50) for r in refs]
+    other[1] = dict(other[1], sentences=[{"sent": "the brown dog"}])
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
+    write_tree(str(tmp_path), other, instances, dataset="refcocog", split_by="google")
+    umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
+    assert [r["ref_id"] for r in data.combine_for_training([umd, google]).refs] == [0, 1, 51]
+
+
+@pytest.mark.parametrize("file_name", ["/etc/passwd", "../../secret.jpg", "train2014/../../x.jpg"])
+def test_an_image_file_name_leaving_the_image_folder_is_refused(tmp_path, file_name):
+    refs, instances = tiny_records()
+    instances["images"][1]["file_name"] = file_name  # image 7
+    write_tree(str(tmp_path), refs, instances)
+    with pytest.raises(ValueError, match=rf"instances.json: images\[1\] \(id 7\): file_name '{re.escape(file_name)}' "
+                                         "is absolute or contains '..'"):
+        data.load_refs(str(tmp_path), "refcoco", "unc")
 
 
 def test_empty_sent_falls_back_to_raw(tmp_path):
