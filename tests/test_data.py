@@ -105,6 +105,48 @@ def test_decode_large_polygon_equals_pycocotools():
     np.testing.assert_array_equal(coco.decode_mask([part], h, w), expected)
 
 
+def test_decode_polygons_reaching_far_outside_the_image_equal_pycocotools():
+    """Vertices thousands of image sizes away (every slope, edges crossing the image or passing it):
+    only the part near the image is rasterized, and the pixels are pycocotools' own."""
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        far = float(rng.choice([1e2, 1e3, 3e4]))
+        parts = []
+        for _ in range(rng.integers(1, 3)):
+            k = int(rng.integers(3, 8))
+            xy = np.where(rng.random(2 * k) < 0.5, rng.uniform(-far, far, 2 * k), rng.uniform(-2, 42, 2 * k))
+            parts.append(xy.tolist())
+        expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, h, w)))
+        np.testing.assert_array_equal(coco.decode_mask(parts, h, w), expected,
+                                      err_msg=f"trial {trial} {h}x{w} {parts}")
+
+
+def test_decode_polygon_with_huge_coordinates_stays_small():
+    """A polygon with vertices near 1e7 once walked 5e7 points per edge (gigabytes): the work and memory
+    are now in proportion to the image."""
+    import tracemalloc
+    triangle = [-1e7, -0.75e7, 1e7, 0.75e7, 1e7, -1e7]  # the half-plane y < 0.75 x, in the 60 x 80 image
+    box = [-1e7, -1e7, 1e7, -1e7, 1e7, 1e7, -1e7, 1e7]
+    tracemalloc.start()
+    try:
+        masks = [coco.decode_mask([p], 60, 80) for p in (triangle, box)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+    assert masks[1].all()
+    y, x = np.mgrid[:60, :80]
+    away = np.abs(y - 0.75 * x) > 1  # pixels clear of the diagonal edge
+    np.testing.assert_array_equal(masks[0][away], (y < 0.75 * x)[away])
+
+
+def test_decode_polygon_beyond_pycocotools_int_range_is_refused():
+    with pytest.raises(ValueError, match=r"polygon part 0 has a coordinate beyond ±2e8 \(1e\+30\)"):
+        coco.decode_mask([[0.0, 0.0, 1e30, 0.0, 5.0, 5.0]], 10, 10)
+
+
 def test_decode_uncompressed_rle_equals_pycocotools():
     mask_api = pytest.importorskip("pycocotools.mask")
     rng = np.random.default_rng(1)
