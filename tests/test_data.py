@@ -361,7 +361,7 @@ def test_hold_out_counts_each_removed_image_under_its_first_reason(tmp_path):
 
 
 def test_the_same_refs_given_twice_are_kept_once(tmp_path):
-    """G-Ref's umd and google partitions hold the same refs: combined, each sentence counts once."""
+    """A partition given twice: combined, each sentence counts once."""
     refs, instances = tiny_records()
     write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
     write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="google")
