@@ -33,6 +33,8 @@ import numpy as np
 # other RIS codebase bit for bit.
 
 _POLY_UPSAMPLE = 5.0  # rleFrPoly walks the boundary on a 5x finer integer grid
+# rleFrPoly holds fine-grid coordinates and their differences in C ints: beyond this its result is undefined
+_POLY_MAX_COORD = 2e8
 
 
 def _c_int(x: np.ndarray) -> np.ndarray:
@@ -51,20 +53,33 @@ def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
 
     The algorithm, step by step as in maskApi.c:
       a) scale vertices by 5 and round (C cast: int(5v + 0.5));
-      b) walk every edge on that fine grid, one point per step along its major axis, the minor
+      b) walk every edge on that fine grid, one point (u, v) per step along its major axis, the minor
          coordinate rounded the same way; an edge is always computed from its lower end (swapped
          if needed) so that a shared edge rounds identically in both directions;
       c) wherever the walk crosses a column boundary, record the y where the boundary enters;
          only crossings landing exactly on a pixel-centre column of the original grid count;
       d) those (x, y) points are where each column's mask toggles.
+
+    pycocotools walks every edge in full, so a vertex at 1e7 costs 5e7 points. Only walk points near
+    the image can change the result, and we generate just those (work in proportion to the image):
+      - a crossing between fine columns a and a+1 counts only for a in [2, 5w-3], so a point whose u
+        lies outside [2, 5w-2] is never part of a counted crossing; u moves by at most 1 per step, so
+        the points left on either side of a dropped stretch share their u and make no crossing either;
+      - a crossing's row is clipped to [0, h], which is what v clamped to [2, 5h+2] gives;
+      - along a steep edge (v the major axis) the stretches above or below that band have one
+        clamped v and a monotone u, so each is replaced by one point per fine column it crosses.
+    Every point that is generated is computed with pycocotools' own formula, so the crossings, and
+    the mask, are identical.
     """
     scale = _POLY_UPSAMPLE
     x = _c_int(scale * xy[0::2] + 0.5)
     y = _c_int(scale * xy[1::2] + 0.5)
     x = np.append(x, x[0])  # close the polygon
     y = np.append(y, y[0])
+    u_lo, u_hi = 2, int(scale) * width - 2  # fine columns whose crossings can count
+    v_lo, v_hi = 2, int(scale) * height + 2  # fine rows beyond these land on row 0 / height
 
-    # b) dense walk along every edge: edge j contributes max(dx, dy) + 1 points
+    # b) every edge from its lower end: start (xs, ys), steps, slope of the minor axis
     xs, xe, ys, ye = x[:-1], x[1:], y[:-1], y[1:]
     dx, dy = np.abs(xe - xs), np.abs(ye - ys)
     major_x = dx >= dy
@@ -75,14 +90,50 @@ def _polygon_toggles(xy: np.ndarray, height: int, width: int) -> np.ndarray:
     # A zero-length edge (repeated vertex) gives 0/0 in C; its single point never starts a column
     # crossing (its neighbours share its x), so any finite slope reproduces the result.
     slope = np.where(major_x, ye - ys, xe - xs) / np.maximum(steps, 1)
+    major0, minor0 = np.where(major_x, xs, ys), np.where(major_x, ys, xs)
 
-    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (P,) edge of every walk point
-    first = np.cumsum(steps + 1) - (steps + 1)
-    d = np.arange(len(edge)) - first[edge]
-    t = np.where(flip[edge], steps[edge] - d, d)  # walk from the original start either way
-    minor = _c_int((np.where(major_x, ys, xs)[edge] + slope[edge] * t) + 0.5)
-    u = np.where(major_x[edge], t + xs[edge], minor)  # (P,) fine-grid x
-    v = np.where(major_x[edge], minor, t + ys[edge])  # (P,) fine-grid y
+    def minor_at(edge, t):  # rleFrPoly's rounding of the minor coordinate at step t
+        return _c_int((minor0[edge] + slope[edge] * t) + 0.5)
+
+    # The steps t of each edge walked point by point: where u (major x) or v (major y) is in range.
+    t_lo = np.clip(np.where(major_x, u_lo, v_lo) - major0, 0, steps + 1)
+    t_hi = np.clip(np.where(major_x, u_hi, v_hi) - major0, -1, steps)
+    # The stretches of a steep edge below (t < t_lo) and above (t > t_hi) the band of rows, as runs of
+    # fine columns: u at both ends of the stretch, clipped to [u_lo, u_hi].
+    edges = np.arange(len(steps))
+    below = (np.zeros_like(t_lo), t_lo - 1)
+    above = (t_hi + 1, steps)
+    runs = []
+    for (ta, tb), v in ((below, v_lo), (above, v_hi)):
+        present = ~major_x & (ta <= tb)
+        ua = minor_at(edges, np.where(present, ta, 0))
+        ub = minor_at(edges, np.where(present, tb, 0))
+        first = np.maximum(np.minimum(ua, ub), u_lo)
+        count = np.where(present, np.minimum(np.maximum(ua, ub), u_hi) - first + 1, 0).clip(0)
+        runs.append((first, count, (ub >= ua) != flip, v))  # ascending: u grows in walk order
+
+    # Segments in walk order, three per edge (below, walked, above; reversed when the walk runs from
+    # the far end): each is a count of points and a rule for point k.
+    walked = np.maximum(t_hi - t_lo + 1, 0)
+    counts = np.stack([runs[0][1], walked, runs[1][1]], 1)  # (E, 3) in t order
+    order = np.where(flip[:, None], [2, 1, 0], [0, 1, 2])
+    counts = np.take_along_axis(counts, order, 1).reshape(-1)
+    part = order.reshape(-1)  # which of below / walked / above each segment is
+    seg = np.repeat(np.arange(len(counts)), counts)  # (P,) segment of every point
+    edge, kind = seg // 3, part[seg]
+    k = np.arange(len(seg)) - (np.cumsum(counts) - counts)[seg]  # index within its segment
+
+    t = np.where(flip[edge], t_hi[edge] - k, t_lo[edge] + k)  # walked points
+    minor = minor_at(edge, t)
+    u = np.where(major_x[edge], t + xs[edge], minor)
+    v = np.where(major_x[edge], minor, t + ys[edge])
+    for i, (first, count, ascending, v_run) in ((0, runs[0]), (2, runs[1])):
+        in_run = kind == i
+        run_u = np.where(ascending[edge], first[edge] + k, first[edge] + count[edge] - 1 - k)
+        u = np.where(in_run, run_u, u)
+        v = np.where(in_run, v_run, v)
+    keep = (u >= u_lo) & (u <= u_hi)
+    u, v = u[keep], np.clip(v[keep], v_lo, v_hi)
 
     # c) column crossings, mapped back to the original grid
     j = np.nonzero(u[1:] != u[:-1])[0] + 1
@@ -108,6 +159,9 @@ def _polygons_to_mask(parts: Sequence, height: int, width: int) -> np.ndarray:
         if xy.ndim != 1 or len(xy) < 2 or not np.isfinite(xy).all():
             raise ValueError(f"polygon part {i} must be a flat list of finite x, y numbers, "
                              f"got {str(part)[:60]}")
+        if np.abs(xy).max() > _POLY_MAX_COORD:
+            raise ValueError(f"polygon part {i} has a coordinate beyond ±2e8 ({np.abs(xy).max():g}); "
+                             "COCO polygons are in pixels")
         # pycocotools reads int(len / 2) vertices: an odd trailing number is ignored
         positions = _polygon_toggles(xy[: len(xy) // 2 * 2], height, width)
         toggles[:] = 0

@@ -70,7 +70,9 @@ logger = logging.getLogger("data")
 #    "sentences": [{"sent": str, "raw": str, "tokens": [str], "sent_id": int}, ...],
 #    "sent_ids": [int], "file_name": "COCO_train2014_..._<ann_id>.jpg"}
 # We read ref_id, ann_id, image_id, category_id, split and each sentence's "sent" (lower-cased,
-# tokenized text; "raw" when "sent" is absent). sent_ids and file_name are not needed.
+# tokenized text; "raw" when "sent" is absent) and "sent_id": G-Ref's umd and google partitions split
+# the same expressions under different ref_ids, and the sentence ids are what tells that two refs are
+# one (combine_for_training). file_name is not needed.
 
 # The splits each benchmark reports (§4.1): RefCOCO/RefCOCO+ (UNC), G-Ref (UMD and Google).
 EVAL_SPLITS = {
@@ -117,17 +119,18 @@ def _parse_ref(record, path: str, index: int) -> dict:
     if isinstance(record, dict) and is_int(record.get("ref_id")):
         where += f" (ref_id {record['ref_id']})"
     check_fields(record, _REF_FIELDS, where)
-    sentences = []
+    sentences, sent_ids = [], []
     for j, s in enumerate(record["sentences"]):
         texts = (s.get("sent"), s.get("raw")) if isinstance(s, dict) else ()
         text = next((t.strip() for t in texts if isinstance(t, str) and t.strip()), None)
         if text is None:
             raise ValueError(f"{where}: sentence {j} needs a non-empty string 'sent' or 'raw'")
         sentences.append(text)
+        sent_ids.append(s["sent_id"] if is_int(s.get("sent_id")) else None)  # None: hand-made records
     if not sentences:
         raise ValueError(f"{where}: no sentences")
     return {k: record[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "split")} | {
-        "sentences": sentences}
+        "sentences": sentences, "sent_ids": sent_ids}
 
 
 @dataclass
@@ -135,7 +138,7 @@ class RefData:
     """One referring dataset (or several combined): records plus the COCO data they point at.
 
     refs:       validated refer records: ref_id, ann_id, image_id, category_id, split, sentences
-                (a list of strings).
+                (a list of strings) and sent_ids (each sentence's sent_id, None where it has none).
     anns:       {ann_id: {"id", "image_id", "category_id", "segmentation", "source"}}, only the
                 instances some ref points at; "source" is the instances.json it came from.
     images:     {image_id: {"id", "file_name", "height", "width", "path"}}, referred images only.
@@ -205,6 +208,11 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
         if isinstance(im, dict) and im.get("id") in wanted_images:
             check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
                           f"{instances_path}: images[{i}] (id {im['id']})")
+            name = im["file_name"]
+            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):  # would open any file
+                raise ValueError(f"{instances_path}: images[{i}] (id {im['id']}): file_name '{name}' is absolute "
+                                 f"or contains '..'; image names are relative to the image folder {image_dir} "
+                                 "(e.g. COCO_train2014_000000000009.jpg): fix the entry")
             images[im["id"]] = {k: im[k] for k in ("id", "file_name", "height", "width")}
             images[im["id"]]["path"] = os.path.join(image_dir, im["file_name"])
 
@@ -259,15 +267,29 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
 
     RefCOCO, RefCOCO+ and G-Ref share COCO ids, so instances (ann_id) and images (image_id)
     coincide across datasets: sentences for the same object from different datasets become
-    extra positives for instance contrastive learning (§3.3). A ref given twice (G-Ref's umd and
-    google partitions hold the same refs) is kept once.
+    extra positives for instance contrastive learning (§3.3); RefCOCO and RefCOCO+ describe the same
+    objects with different expressions on purpose, so refs of different datasets are never merged.
+    Two partitions of one dataset (G-Ref's umd and google) split the same expressions under different
+    ref_ids: a ref whose object and sentences (ann_id and sent_ids, the text where a sentence has no
+    sent_id) a partition given earlier already holds is kept once, and the log says how many were dropped.
     """
     held_out = set().union(*(eval_image_ids(d, split) for d in (*datas, *held_out_from)))
     refs, anns, images, categories, seen = [], {}, {}, {}, set()
     for d in datas:
-        kept = [r for r in d.refs if r["split"] == split and r["image_id"] not in held_out
-                and (d.dataset, r["ref_id"]) not in seen]
-        seen.update((d.dataset, r["ref_id"]) for r in kept)
+        kept, repeated = [], 0
+        for r in d.refs:
+            if r["split"] != split or r["image_id"] in held_out:
+                continue
+            key = (d.dataset, r["ann_id"], frozenset(
+                i if i is not None else text for i, text in zip(r["sent_ids"], r["sentences"])))
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
+            kept.append(r)
+        if repeated:
+            logger.warning("%s (%s): %d refs already given by another partition of %s (same ann_id and "
+                           "sentences), kept once", d.dataset, d.split_by, repeated, d.dataset)
         refs += kept
         anns.update({r["ann_id"]: d.anns[r["ann_id"]] for r in kept})
         images.update({r["image_id"]: d.images[r["image_id"]] for r in kept})

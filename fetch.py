@@ -4,9 +4,10 @@ Machinery beside the method: load_weights.py fetches the official CLIP and SAM f
 (`python load_weights.py download`), data.py's CLI the refer annotations and COCO train2014
 (`python data.py download`), so that neither holds download code. One copy of the transfer code for
 both: a transfer resumes after a dropped connection or a killed run, is checked against its SHA-256
-where one is known (zip members against their CRC-32 while unpacking), and a file appears only when
-complete. This file imports no method file; the layout it unpacks into is coco.py's, the one
-data.load_refs reads.
+where one is known (zip members against their CRC-32 and size while unpacking), and a file appears only
+when complete. An archive is refused before anything is written when an entry leaves its own folder, or
+its declared size exceeds what its kind holds or the disk has free. This file imports no method file;
+the layout it unpacks into is coco.py's, the one data.load_refs reads.
 """
 import contextlib
 import hashlib
@@ -16,6 +17,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from typing import Sequence
 
 from tqdm import tqdm
@@ -139,12 +141,26 @@ def download_from_mirrors(urls, path, sha256: str | None = None, accept=None) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def safe_extract(zip_path: str, dest: str) -> int:
+class DamagedArchiveError(ValueError):
+    """A zip that cannot be read to the end (truncated, corrupt, CRC or size mismatch); names the file."""
+
+
+# What zipfile raises on a damaged archive: a bad header or CRC-32, a corrupt deflate stream, data
+# that ends early, a compression method field that was garbled
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def safe_extract(zip_path: str, dest: str, folder: str | None = None, max_bytes: int | None = None,
+                 marker: str | None = None) -> int:
     """Unpack a zip under `dest`; returns the number of files written.
 
-    Every entry is checked before anything is written: one that would land outside `dest` (absolute
-    path, `..`) refuses the whole archive. Each file is written under a temporary name and renamed, so
-    a file that is present is complete (a killed run leaves only `.part` files).
+    Every entry is checked before anything is written, and any of these refuses the whole archive:
+    an entry that would land outside `dest` (absolute path, `..`) or, with `folder`, outside
+    dest/`folder` (an archive writes only its own dataset's folder); declared sizes that add up to more
+    than `max_bytes` or than the disk has free. Each file is written under a temporary name and renamed,
+    so a file that is present is complete (a killed run leaves only `.part` files). `marker`: a file
+    that exists from the first member written until the last one is, so that while it is there what
+    lies under `dest` is known to be a partial unpacking. A damaged archive raises DamagedArchiveError.
     """
     root = os.path.realpath(dest)
     try:
@@ -156,20 +172,65 @@ def safe_extract(zip_path: str, dest: str) -> int:
                         or os.path.commonpath((root, target)) != root):
                     raise ValueError(f"{zip_path}: entry '{m.filename}' would be written outside {dest}; "
                                      "refusing the archive, nothing was extracted")
+                if folder is not None and not m.filename.startswith(f"{folder}/"):
+                    raise ValueError(f"{zip_path}: entry '{m.filename}' lies outside {folder}/, the only folder "
+                                     f"{os.path.basename(zip_path)} may write; refusing the archive, nothing "
+                                     "was extracted")
             files = [m for m in members if not m.is_dir()]
-            for m in tqdm(files, desc=f"unpacking {os.path.basename(zip_path)}", unit="file", leave=False):
+            _check_room(zip_path, root, files, max_bytes)
+            for i, m in enumerate(tqdm(files, desc=f"unpacking {os.path.basename(zip_path)}", unit="file",
+                                       leave=False)):
                 target = os.path.join(root, m.filename)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 try:
+                    # zipfile reads a member up to its declared size and no further, then checks its
+                    # CRC-32 (BadZipFile): a member whose data inflates beyond its header stops there
                     with archive.open(m) as src, open(target + ".part", "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)  # raises BadZipFile on a CRC mismatch
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                        if dst.tell() != m.file_size:  # data that ends early passes the CRC of what is there
+                            raise EOFError(f"'{m.filename}' holds {dst.tell()} bytes, its header says {m.file_size}")
                 except BaseException:
                     os.remove(target + ".part")
                     raise
+                if marker is not None and i == 0:  # from the first file that lands until the last one has
+                    os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
+                    open(marker, "w").close()
                 os.replace(target + ".part", target)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{zip_path}: damaged or not a zip file ({e}); delete it and download it again") from e
+            if marker is not None:
+                with contextlib.suppress(FileNotFoundError):  # an archive without files wrote none
+                    os.remove(marker)
+    except _DAMAGE as e:
+        raise _damaged(zip_path, e) from e
     return len(files)
+
+
+def _damaged(zip_path: str, e: Exception) -> DamagedArchiveError:
+    return DamagedArchiveError(f"{zip_path}: damaged, truncated or not a zip file ({type(e).__name__}: {e})")
+
+
+def _check_room(zip_path: str, root: str, files: list, max_bytes: int | None) -> None:
+    """ValueError unless the declared sizes fit under `max_bytes` and on the disk (files already unpacked
+    there by an earlier run count as room: they are replaced)."""
+    declared = sum(m.file_size for m in files)
+    if max_bytes is not None and declared > max_bytes:
+        raise ValueError(f"{zip_path}: its files declare {declared / 2**30:.1f} GiB, more than the "
+                         f"{max_bytes / 2**30:.1f} GiB this archive can hold; refusing it (a damaged or "
+                         "forged zip?), nothing was extracted")
+    present = (os.path.join(root, m.filename) for m in files)
+    needed = declared - sum(min(_size(p), m.file_size) for p, m in zip(present, files))
+    existing = root
+    while not os.path.isdir(existing):  # dest may not exist yet: the disk it will be on
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ValueError(f"{zip_path}: unpacking needs {_human(needed)} more, the disk of {root} has {_human(free)} "
+                         "free; free space or choose another --data-root, nothing was extracted")
+
+
+def _human(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +247,22 @@ REFER_MIRRORS = {name: (_REFER_URL.format(name), f"https://web.archive.org/web/{
 COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"  # cocodataset.org/#download
 COCO_TRAIN2014_IMAGES = 82783
 DOWNLOAD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # a dataset is complete with it
+# What each archive may unpack to, with room to spare: a refer zip holds tens of MB of annotations (a few
+# hundred MB unpacked), train2014.zip 13 GB of JPEGs. A zip declaring more is damaged or forged.
+MAX_UNPACKED_BYTES = {"refcoco": 2 << 30, "refcoco+": 2 << 30, "refcocog": 2 << 30, "train2014": 20 << 30}
+
+
+def _unpacking_marker(data_root: str, name: str) -> str:
+    """Present while NAME.zip is being unpacked (safe_extract's marker): a run killed then left it behind."""
+    return os.path.join(data_root, "images" if name == "train2014" else "", f"{name}.unpacking")
 
 
 def _complete(data_root: str, name: str) -> bool:
-    """A dataset: its refs file and instances.json are there (both unpacked atomically). train2014: it was
-    unpacked here (marker file), or an image folder of the layout already holds all of COCO train2014."""
+    """Not while an unpacking of it was cut short. Then, a dataset: its refs file and instances.json are
+    there (each unpacked atomically). train2014: it was unpacked here (marker file), or an image folder of
+    the layout already holds all of COCO train2014."""
+    if os.path.exists(_unpacking_marker(data_root, name)):
+        return False
     if name != "train2014":
         return (has_refs(data_root, name, DOWNLOAD_SPLIT_BY[name])
                 and os.path.isfile(os.path.join(data_root, name, "instances.json")))
@@ -230,10 +302,21 @@ def download_refer(data_root: str, datasets: Sequence[str] = tuple(REFER_MIRRORS
                                     f"addresses, put it in a folder DIR and run `python data.py download "
                                     f"--data-root {data_root} --from DIR`") from e
         try:
-            with zipfile.ZipFile(path) as archive:  # the refer zips hold refcoco/..., COCO's train2014/...
-                inside = any(n.startswith(f"{name}/") for n in archive.namelist())
-            n = safe_extract(path, parent if inside else os.path.join(parent, name))
-        except (ValueError, zipfile.BadZipFile):
+            try:
+                with zipfile.ZipFile(path) as archive:  # the refer zips hold refcoco/..., COCO's train2014/...
+                    inside = any(n.startswith(f"{name}/") for n in archive.namelist())
+            except _DAMAGE as e:
+                raise _damaged(path, e) from e
+            # a zip with a NAME/ folder writes only there, not into a sibling dataset's folder
+            n = safe_extract(path, parent if inside else os.path.join(parent, name), folder=name if inside else None,
+                             max_bytes=MAX_UNPACKED_BYTES[name], marker=_unpacking_marker(data_root, name))
+        except DamagedArchiveError as e:
+            if downloaded:  # fetched again on the next run
+                os.remove(path)
+                raise DamagedArchiveError(f"{e}; deleted it, run the command again to download it anew") from e
+            raise DamagedArchiveError(f"{e}; delete it (or fetch it again) and run the command again: without it "
+                                      "in --from DIR the mirrors are tried") from e
+        except ValueError:
             if downloaded:  # fetched again on the next run
                 os.remove(path)
             raise

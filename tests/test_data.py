@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -102,6 +103,48 @@ def test_decode_large_polygon_equals_pycocotools():
     part = np.stack([320 + rad * np.cos(a), 240 + rad * np.sin(a)], 1).reshape(-1).tolist()
     expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects([part], h, w)))
     np.testing.assert_array_equal(coco.decode_mask([part], h, w), expected)
+
+
+def test_decode_polygons_reaching_far_outside_the_image_equal_pycocotools():
+    """Vertices thousands of image sizes away (every slope, edges crossing the image or passing it):
+    only the part near the image is rasterized, and the pixels are pycocotools' own."""
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        far = float(rng.choice([1e2, 1e3, 3e4]))
+        parts = []
+        for _ in range(rng.integers(1, 3)):
+            k = int(rng.integers(3, 8))
+            xy = np.where(rng.random(2 * k) < 0.5, rng.uniform(-far, far, 2 * k), rng.uniform(-2, 42, 2 * k))
+            parts.append(xy.tolist())
+        expected = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, h, w)))
+        np.testing.assert_array_equal(coco.decode_mask(parts, h, w), expected,
+                                      err_msg=f"trial {trial} {h}x{w} {parts}")
+
+
+def test_decode_polygon_with_huge_coordinates_stays_small():
+    """A polygon with vertices near 1e7 once walked 5e7 points per edge (gigabytes): the work and memory
+    are now in proportion to the image."""
+    import tracemalloc
+    triangle = [-1e7, -0.75e7, 1e7, 0.75e7, 1e7, -1e7]  # the half-plane y < 0.75 x, in the 60 x 80 image
+    box = [-1e7, -1e7, 1e7, -1e7, 1e7, 1e7, -1e7, 1e7]
+    tracemalloc.start()
+    try:
+        masks = [coco.decode_mask([p], 60, 80) for p in (triangle, box)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+    assert masks[1].all()
+    y, x = np.mgrid[:60, :80]
+    away = np.abs(y - 0.75 * x) > 1  # pixels clear of the diagonal edge
+    np.testing.assert_array_equal(masks[0][away], (y < 0.75 * x)[away])
+
+
+def test_decode_polygon_beyond_pycocotools_int_range_is_refused():
+    with pytest.raises(ValueError, match=r"polygon part 0 has a coordinate beyond ±2e8 \(1e\+30\)"):
+        coco.decode_mask([[0.0, 0.0, 1e30, 0.0, 5.0, 5.0]], 10, 10)
 
 
 def test_decode_uncompressed_rle_equals_pycocotools():
@@ -318,12 +361,61 @@ def test_hold_out_counts_each_removed_image_under_its_first_reason(tmp_path):
 
 
 def test_the_same_refs_given_twice_are_kept_once(tmp_path):
-    """G-Ref's umd and google partitions hold the same refs: combined, each sentence counts once."""
+    """A partition given twice: combined, each sentence counts once."""
     refs, instances = tiny_records()
     write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
     write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="google")
     umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
     assert [r["ref_id"] for r in data.combine_for_training([umd, google]).refs] == [0, 1]
+
+
+def test_umd_and_google_copies_of_an_object_are_kept_once(tmp_path, caplog):
+    """G-Ref's two partitions split the same expressions: the same ann_id and sent_ids under other ref_ids.
+    Combined, each object counts once (and the log says how many were dropped)."""
+    refs, instances = tiny_records()
+    google = [dict(r, ref_id=r["ref_id"] + 50) for r in refs]  # the google partition numbers its refs anew
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
+    write_tree(str(tmp_path), google, instances, dataset="refcocog", split_by="google")
+    umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
+    with caplog.at_level(logging.INFO, logger="data"):
+        combined = data.combine_for_training([umd, google])
+    assert [r["ref_id"] for r in combined.refs] == [0, 1]
+    assert "2 refs" in caplog.text and "refcocog" in caplog.text
+
+
+def test_refcoco_and_refcoco_plus_of_one_object_both_stay(tmp_path):
+    """RefCOCO and RefCOCO+ describe the same objects on purpose: never merged, even with equal sent_ids."""
+    refs, instances = tiny_records()
+    write_tree(str(tmp_path), refs, instances, dataset="refcoco")
+    write_tree(str(tmp_path), refs, instances, dataset="refcoco+")
+    datas = [data.load_refs(str(tmp_path), name, "unc") for name in ("refcoco", "refcoco+")]
+    combined = data.combine_for_training(datas)
+    assert [r["ann_id"] for r in combined.refs] == [100, 101, 100, 101]
+
+
+def test_sentences_without_sent_id_are_matched_by_their_text(tmp_path):
+    """Records without sent_ids (hand-made files): a partition's copy of a ref is recognised by its
+    sentences' text instead; another text for the same object is a new expression and stays."""
+    refs, instances = tiny_records()
+    for r in refs:
+        for s in r["sentences"]:
+            del s["sent_id"]
+    other = [dict(r, ref_id=r["ref_id"] + 50) for r in refs]
+    other[1] = dict(other[1], sentences=[{"sent": "the brown dog"}])
+    write_tree(str(tmp_path), refs, instances, dataset="refcocog", split_by="umd")
+    write_tree(str(tmp_path), other, instances, dataset="refcocog", split_by="google")
+    umd, google = (data.load_refs(str(tmp_path), "refcocog", s) for s in ("umd", "google"))
+    assert [r["ref_id"] for r in data.combine_for_training([umd, google]).refs] == [0, 1, 51]
+
+
+@pytest.mark.parametrize("file_name", ["/etc/passwd", "../../secret.jpg", "train2014/../../x.jpg"])
+def test_an_image_file_name_leaving_the_image_folder_is_refused(tmp_path, file_name):
+    refs, instances = tiny_records()
+    instances["images"][1]["file_name"] = file_name  # image 7
+    write_tree(str(tmp_path), refs, instances)
+    with pytest.raises(ValueError, match=rf"instances.json: images\[1\] \(id 7\): file_name '{re.escape(file_name)}' "
+                                         "is absolute or contains '..'"):
+        data.load_refs(str(tmp_path), "refcoco", "unc")
 
 
 def test_empty_sent_falls_back_to_raw(tmp_path):

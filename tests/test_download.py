@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import threading
+import types
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -287,3 +288,118 @@ def test_unknown_dataset_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         data.main(["download", "--data-root", str(tmp_path), "--datasets", "refcoco,refclef"])
     assert exit_info.value.code == 2 and "refclef" in capsys.readouterr().err
+
+
+def test_a_zip_writing_into_another_datasets_folder_is_refused(tmp_path):
+    """refcoco.zip may write refcoco/ only: an entry for refcoco+/ would replace that dataset's files."""
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(zip_bytes({"refcoco/instances.json": b"{}",
+                                                  "refcoco+/instances.json": b"overwritten"}))
+    with pytest.raises(ValueError, match=r"refcoco.zip: entry 'refcoco\+/instances.json' lies outside refcoco/"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert files_under(tmp_path / "refer") == []
+
+
+def declare_size(archive: bytes, size: int) -> bytes:
+    """The zip with its (single) member's uncompressed size rewritten to `size` in both headers."""
+    local, central = archive.index(b"PK\x03\x04"), archive.index(b"PK\x01\x02")
+    packed = size.to_bytes(4, "little")
+    archive = archive[:local + 22] + packed + archive[local + 26:]
+    return archive[:central + 24] + packed + archive[central + 28:]
+
+
+def test_a_zip_declaring_more_than_its_kind_can_hold_is_refused_before_unpacking(tmp_path):
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(declare_size(zip_bytes({"refcoco/instances.json": b"{}" * 50}), 3 << 30))
+    with pytest.raises(ValueError, match=r"refcoco.zip: its files declare 3.0 GiB, more than the 2.0 GiB"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert files_under(tmp_path / "refer") == []
+
+
+def test_a_zip_bomb_that_lies_in_its_header_writes_no_more_than_it_declares(tmp_path):
+    """A member declaring 100 bytes whose data inflates to 20 MB: unpacking stops at the declared size
+    (zipfile reads no further) and the mismatch is refused as damage, nothing left behind."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("refcoco/instances.json", b"\0" * (20 << 20))
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(declare_size(buffer.getvalue(), 100))
+    with pytest.raises(ValueError, match=r"refcoco.zip: damaged, truncated or not a zip file"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert files_under(tmp_path / "refer") == []
+
+
+def test_a_member_shorter_than_its_header_says_is_damage_not_a_complete_file(tmp_path):
+    """Stored data that ends early passes the CRC-32 of what is there: its size is checked too."""
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(declare_size(zip_bytes({"refcoco/instances.json": b"{}" * 50}), 200))
+    with pytest.raises(ValueError, match=r"damaged.*'refcoco/instances.json' holds 100 bytes, its header says 200"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert files_under(tmp_path / "refer") == []
+
+
+def test_a_zip_larger_than_the_free_disk_space_is_refused_before_unpacking(refer_zips, tmp_path, monkeypatch):
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(refer_zips["refcoco.zip"])
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    with pytest.raises(ValueError, match=r"refcoco.zip: unpacking needs .* more, the disk .* has 1000 bytes free"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert files_under(tmp_path / "refer") == []
+
+
+def test_an_interrupted_unpacking_is_unpacked_again_not_reported_complete(refer_zips, tmp_path, monkeypatch, capsys):
+    """refcocog.zip killed after refs(umd).p and instances.json, before refs(google).p: the next run unpacks it
+    again, instead of finding refs(umd).p and instances.json and calling refcocog complete."""
+    with zipfile.ZipFile(io.BytesIO(refer_zips["refcoco.zip"])) as z:
+        refs, instances = z.read("refcoco/refs(unc).p"), z.read("refcoco/instances.json")
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcocog.zip").write_bytes(zip_bytes({"refcocog/refs(umd).p": refs, "refcocog/instances.json": instances,
+                                                   "refcocog/refs(google).p": refs}))
+    copy, calls = fetch.shutil.copyfileobj, []
+
+    def killed_at_the_third_member(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return copy(*args)
+    monkeypatch.setattr(fetch.shutil, "copyfileobj", killed_at_the_third_member)
+    with pytest.raises(KeyboardInterrupt):
+        fetch.download_refer(str(root), ["refcocog"], from_dir=str(hand))
+    monkeypatch.setattr(fetch.shutil, "copyfileobj", copy)
+    fetch.download_refer(str(root), ["refcocog"], from_dir=str(hand))
+    assert "refcocog: unpacked 3 files" in capsys.readouterr().out
+    assert files_under(root) == ["refcocog/instances.json", "refcocog/refs(google).p", "refcocog/refs(umd).p"]
+
+
+def test_a_truncated_hand_fetched_zip_is_one_line_that_says_to_delete_it(refer_zips, tmp_path):
+    hand, root = tmp_path / "hand", tmp_path / "refer"
+    hand.mkdir()
+    (hand / "refcoco.zip").write_bytes(refer_zips["refcoco.zip"][:-100])
+    with pytest.raises(ValueError, match=r"refcoco.zip: damaged, truncated or not a zip file \(.*\); delete it"):
+        fetch.download_refer(str(root), ["refcoco"], from_dir=str(hand))
+    assert (hand / "refcoco.zip").exists()  # the user's file: they decide
+
+
+def corrupt(archive: bytes) -> bytes:
+    """The first member's deflate stream starts with a reserved block type: zlib refuses it."""
+    name_length, extra_length = (int.from_bytes(archive[i:i + 2], "little") for i in (26, 28))
+    start = 30 + name_length + extra_length
+    return archive[:start] + b"\xff" + archive[start + 1:]
+
+
+def test_a_corrupt_downloaded_zip_is_deleted_and_the_message_says_to_run_again(server, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("refcoco/instances.json", b"{}" * 1000)
+    server.files["/refcoco.zip"] = corrupt(buffer.getvalue())
+    root = tmp_path / "refer"
+    with pytest.raises(ValueError, match=r"refcoco.zip: damaged, truncated or not a zip file \(.*\); deleted it, "
+                                         "run the command again to download it anew"):
+        fetch.download_refer(str(root), ["refcoco"], mirrors={"refcoco": (server.url("/refcoco.zip"),)})
+    assert files_under(root) == []
