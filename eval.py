@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
 from coco import has_refs
-from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
+from data import MAX_PIXELS_ENV, RefEvalSet, collate, load_refs, open_rgb, preprocess_image, split_seen_unseen
 from load_weights import check_and_load, read_safetensors
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
 from runtime import NumberRange
@@ -380,11 +380,11 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     }
 
 
-def open_photo(path) -> Image.Image:
+def open_photo(path, max_pixels: int | None = None) -> Image.Image:
     """A photo as a viewer shows it: cameras store the sensor's pixels plus an EXIF orientation tag, which
-    is applied here (so the mask matches the picture people see), in RGB."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    is applied here (so the mask matches the picture people see), in 8-bit RGB (16-bit images scaled, float
+    images refused: data.open_rgb, which the datasets use too). max_pixels: --max-image-pixels."""
+    return open_rgb(path, orient=True, max_pixels=max_pixels)
 
 
 @torch.no_grad()
@@ -595,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     number("--max-vis", NumberRange(int, min=0), "panels saved by --save-vis", default=8)
     p.add_argument("--image", help="segment one photo instead (EXIF orientation applied; with --text, writes "
                                    "--out and/or --mask-out)")
+    number("--max-image-pixels", NumberRange(int, min=1), "open --image up to this many pixels (width x height; "
+           f"default Pillow's guard against decompression bombs, 2 x Image.MAX_IMAGE_PIXELS; dataset images: the "
+           f"environment variable {MAX_PIXELS_ENV})")
     p.add_argument("--text", help="referring expression for --image")
     p.add_argument("--out", help=f"panel written for --image, longest side <= {DISPLAY_SIDE} px "
                                  "(default pred.png, unless only --mask-out is given)")
@@ -633,7 +636,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.image):
             raise FileNotFoundError(f"--image {args.image}: no such file")
         started, timing = time.perf_counter(), Timing()
-        image = open_photo(args.image)
+        image = open_photo(args.image, args.max_image_pixels)
         result = predict_image(model, tokenizer, image, args.text, device=args.device, output=args.output,
                                prompts=prompts, amp_dtype=amp_dtype, timing=timing)
         summary = {"image_size": list(image.size), "mask_fraction": float(result["mask"].mean()),

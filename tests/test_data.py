@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import coco
 import data
@@ -621,3 +622,42 @@ def test_synth_loads_like_refcoco_with_sensible_objects(synth):
         area = synth.mask(r["ann_id"]).mean()
         assert 0.01 < area < 0.5, (r, image)
         assert 2 <= len(r["sentences"]) <= 3
+
+
+# ---- image files that are not 8-bit, or too large ----
+
+
+def ramp16(path, mode="I;16"):
+    """A 16-bit gray ramp 0..65520 (64 x 64), saved in `mode` ("I;16": PNG; "I": a 32-bit TIFF of 16-bit values)."""
+    pixels = np.arange(64 * 64).reshape(64, 64) * 16
+    Image.fromarray(pixels.astype(np.uint16 if mode == "I;16" else np.int32)).save(path)
+    return pixels
+
+
+@pytest.mark.parametrize("name, mode", [("ramp.png", "I;16"), ("ramp.tif", "I")])
+def test_16_bit_images_are_scaled_by_65535_not_clipped(tmp_path, name, mode):
+    pixels = ramp16(tmp_path / name, mode)
+    assert Image.open(tmp_path / name).mode == mode
+    image = data._open_image(str(tmp_path / name))
+    expected = np.rint(pixels / 257.0)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image)[..., 0], expected)  # clipped: mean 254.5
+
+
+def test_float_and_32_bit_images_are_refused_naming_file_and_mode(tmp_path):
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'f.tif'}: a 32-bit floating-point image \\(mode F\\)"):
+        data._open_image(str(tmp_path / "f.tif"))
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i.tif")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'i.tif'}: a 32-bit integer image \\(mode I\\)"):
+        data._open_image(str(tmp_path / "i.tif"))
+
+
+def test_image_over_the_pixel_limit_names_the_limit_and_how_to_lift_it(tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's guard now stops at 2 x 50 pixels
+    with pytest.raises(ValueError, match=f"{tmp_path / 'big.png'}: 20x20 is 400 pixels, over the limit of 100 .*"
+                                         "--max-image-pixels N .*PROMPT_RIS_MAX_IMAGE_PIXELS=N"):
+        data._open_image(str(tmp_path / "big.png"))
+    monkeypatch.setenv("PROMPT_RIS_MAX_IMAGE_PIXELS", "400")
+    assert data._open_image(str(tmp_path / "big.png")).size == (20, 20)
+    assert Image.MAX_IMAGE_PIXELS == 50  # Pillow's own setting is left as it was

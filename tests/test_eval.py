@@ -374,3 +374,22 @@ def test_paper_table_has_the_columns_found_and_the_papers_row(tmp_path):
     assert unseen[3].split() == ["paper", "65.07", "62.02", "46.41", "45.66"]  # Table 2, Ours, unseen
     with pytest.raises(ValueError, match="no refs file"):
         ris_eval.table_columns(str(tmp_path / "refcoco"), "all")
+
+
+def test_a_16_bit_photo_is_scaled_and_a_float_one_refused(run_dir, tmp_path):
+    pixels = np.arange(64 * 64).reshape(64, 64) * 16  # 0..65520: clipped at 255 it would be white
+    Image.fromarray(pixels.astype(np.uint16)).save(tmp_path / "ramp.png")
+    assert np.array_equal(np.asarray(ris_eval.open_photo(tmp_path / "ramp.png"))[..., 1], np.rint(pixels / 257.0))
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "depth.tif")
+    with pytest.raises(ValueError, match="depth.tif: a 32-bit floating-point image \\(mode F\\)"):
+        ris_eval.main(["--checkpoint", str(run_dir), "--image", str(tmp_path / "depth.tif"), "--text", "a"])
+
+
+def test_a_photo_over_the_pixel_limit_says_which_flag_lifts_it(run_dir, tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's guard: 2 x 50 pixels
+    args = ["--checkpoint", str(run_dir), "--image", str(tmp_path / "big.png"), "--text", "a", "--mask-out",
+            str(tmp_path / "mask.png")]
+    with pytest.raises(ValueError, match="big.png: 20x20 is 400 pixels, over the limit of 100 .*--max-image-pixels"):
+        ris_eval.main(args)
+    assert ris_eval.main(args + ["--max-image-pixels", "400"]) == 0
