@@ -393,3 +393,12 @@ def test_a_photo_over_the_pixel_limit_says_which_flag_lifts_it(run_dir, tmp_path
     with pytest.raises(ValueError, match="big.png: 20x20 is 400 pixels, over the limit of 100 .*--max-image-pixels"):
         ris_eval.main(args)
     assert ris_eval.main(args + ["--max-image-pixels", "400"]) == 0
+
+
+def test_run_weights_of_integers_are_refused_naming_the_key(run_dir, tmp_path):
+    state = load_file(str(run_dir / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    save_file({**state, key: state[key].to(torch.int8)}, str(tmp_path / "model.safetensors"))
+    shutil.copy(run_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match=f"model.safetensors.*not floating point \\(1\\): {key}: file torch.int8"):
+        ris_eval.load_run(tmp_path)
