@@ -410,16 +410,27 @@ class _ImageSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def read_image(self, index: int) -> Image.Image:
+        """Image `index` in RGB; what makes it unusable (unreadable, the wrong size, too thin to resize) raises
+        OSError or ValueError in one line naming the file."""
+        info = self.data.images[self.image_ids[index]]
+        image = _open_image(info["path"])
+        if image.size != (info["width"], info["height"]):  # masks would not line up
+            raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
+                             f"says {info['width']}x{info['height']} (image id {info['id']})")
+        smallest = min(self.clip_size, self.sam_size)
+        if min(resize_longest_side_shape(image.height, image.width, smallest)) < 1:
+            raise ValueError(f"{info['path']} is {image.width}x{image.height}: its short side would shrink to 0 "
+                             f"pixels at the {smallest} px input (image id {info['id']}); crop it or leave it out")
+        return image
+
     def _item(self, index: int, image: Image.Image, picks: Sequence[tuple[dict, str]],
               with_original: bool = False) -> dict:
-        """Encode one image and its chosen (ref, sentence) pairs; each instance mask decoded once.
+        """Encode one image (from read_image) and its chosen (ref, sentence) pairs; each instance mask decoded once.
 
         with_original adds `gt_original`: the (H, W) uint8 mask of every sentence's instance.
         """
         info = self.data.images[self.image_ids[index]]
-        if image.size != (info["width"], info["height"]):  # masks would not line up
-            raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
-                             f"says {info['width']}x{info['height']} (image id {info['id']})")
         cached = self.cached_sam_embedding(info["id"])
         clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size,
                                                         self.with_sam_images and cached is None)
@@ -470,8 +481,11 @@ class RefTrainSet(_ImageSet):
     `set_epoch(epoch, stage)` before each epoch (with `persistent_workers=True` the workers keep the
     copy of the dataset they were started with, so do not combine the two).
 
-    An image that cannot be opened is skipped with a logged warning and replaced by the next
-    index (deterministically); `max_skips` consecutive failures raise.
+    An image that cannot be used (read_image: unreadable, the wrong size, too thin) stops the run with its path,
+    unless `skip_bad_images`: then it is replaced by the next index (deterministically), logged, and its path
+    listed in the item's "skipped_images" (collate gathers them: DataLoader workers' logs may go unseen, the
+    batch reaches the main process); `max_skips` consecutive bad images still raise, so a dataset of bad images
+    ends. Every item carries "skipped_images" (empty when none was skipped).
 
     `category_ids` keeps only refs of those categories (Table 2: OV_SEEN_CATEGORIES). Only refs are
     dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
@@ -487,7 +501,7 @@ class RefTrainSet(_ImageSet):
                  seed: int = 0, split: str = "train", word_drop: float = 0.2,
                  category_ids: Optional[Collection[int]] = None, context_length: int = 77,
                  max_skips: int = 16, held_out_from: Sequence[RefData] = (),
-                 image_dtype: torch.dtype = torch.float32):
+                 image_dtype: torch.dtype = torch.float32, skip_bad_images: bool = False):
         datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
         combined = combine_for_training(datas, split, held_out_from)
         refs = combined.refs
@@ -503,6 +517,7 @@ class RefTrainSet(_ImageSet):
         self.seed = seed
         self.word_drop = word_drop
         self.max_skips = max_skips
+        self.skip_bad_images = skip_bad_images
         self.epoch = 0
 
     def set_epoch(self, epoch: int, stage: int = 2) -> None:
@@ -532,18 +547,21 @@ class RefTrainSet(_ImageSet):
         return picks
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.max_skips + 1):
+        skipped = []
+        for attempt in range(self.max_skips + 1 if self.skip_bad_images else 1):
             i = (index + attempt) % len(self)
-            path = self.data.images[self.image_ids[i]]["path"]
             try:
-                image = _open_image(path)
-            except OSError as e:
-                logger.warning("skipping training image %d: %s; using image %d instead",
-                               i, e, (i + 1) % len(self))
+                image = self.read_image(i)
+            except (OSError, ValueError) as e:
+                if not self.skip_bad_images:
+                    raise type(e)(f"training image {i}: {e} (skip_bad_images=True, train.py --skip-bad-images, "
+                                  "skips such images)") from e
+                logger.warning("skipping training image %d: %s; using image %d instead", i, e, (i + 1) % len(self))
+                skipped.append(self.data.images[self.image_ids[i]]["path"])
                 continue
-            return self._item(i, image, self.sample_sentences(i, self.rng(i)))
+            return self._item(i, image, self.sample_sentences(i, self.rng(i))) | {"skipped_images": skipped}
         path = self.data.images[self.image_ids[index]]["path"]
-        raise OSError(f"{self.max_skips + 1} consecutive training images could not be opened, "
+        raise OSError(f"{self.max_skips + 1} consecutive training images could not be used, "
                       f"starting at index {index} ({path})")
 
 
@@ -552,7 +570,7 @@ class RefEvalSet(_ImageSet):
     sentence), plus `gt_original` masks at the original resolution for the metrics (§4.1).
 
     `category_ids` optionally keeps only refs of those categories (e.g. the unseen split of the
-    open-vocabulary setting). An image that cannot be opened raises OSError naming the file.
+    open-vocabulary setting). An image that cannot be used raises OSError or ValueError naming the file.
     """
 
     def __init__(self, refs_data: RefData, split: str, tokenizer, clip_size: int = 480,
@@ -565,9 +583,8 @@ class RefEvalSet(_ImageSet):
         super().__init__(refs_data, refs, tokenizer, clip_size, sam_size, context_length, image_dtype)
         self.split = split
 
-    def __getitem__(self, index: int) -> dict:
-        image = _open_image(self.data.images[self.image_ids[index]]["path"])
-        return self._item(index, image, self.pairs[index], with_original=True)
+    def __getitem__(self, index: int) -> dict:  # never skips: that would change the metrics' denominator
+        return self._item(index, self.read_image(index), self.pairs[index], with_original=True)
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -582,6 +599,7 @@ def collate(items: Sequence[dict]) -> dict:
     is valid by construction, so the model runs with `prepared=True`. Masks stay uint8 (a quarter of
     float32's bytes on the way to the device; the loss converts them there).
 
+    `skipped_images` lists the images RefTrainSet(skip_bad_images=True) skipped to make these items.
     With a SAM embedding cache (items with "sam_embedding"), `sam_embeddings` lists each image's cached F_IS
     or None, and `sam_images` holds the SAM inputs of the uncached images only, in order (None if all are).
     """
@@ -600,6 +618,8 @@ def collate(items: Sequence[dict]) -> dict:
         "ref_ids": torch.tensor([r for it in items for r in it["ref_ids"]]),
         "ann_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
         "category_ids": torch.tensor([c for it in items for c in it["category_ids"]]),
+        # paths of the training images skipped for this batch (RefTrainSet skip_bad_images), to count per epoch
+        "skipped_images": [p for it in items for p in it.get("skipped_images", ())],
     }
     if "sam_embedding" in items[0]:
         batch["sam_embeddings"] = [it["sam_embedding"] for it in items]
