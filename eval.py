@@ -48,9 +48,9 @@ from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
 from coco import has_refs
 from data import MAX_PIXELS_ENV, RefEvalSet, collate, load_refs, open_rgb, preprocess_image, split_seen_unseen
-from load_weights import check_and_load, read_safetensors
+from load_weights import WeightsError, check_and_load, read_safetensors, safetensors_shapes
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
-from runtime import NumberRange
+from runtime import HOW_TO_GET, NumberRange
 from sam import SAM_MEAN, SAM_STD
 from viz import DISPLAY_SIDE, render_panel
 
@@ -359,14 +359,39 @@ def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
             run_config = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        except RecursionError as e:  # Python's JSON reader recurses once per nesting level
+            raise ValueError(f"{config_path}: not valid JSON (nested too deeply to read)") from e
     if not isinstance(run_config, dict) or "model" not in run_config:
         raise ValueError(f"{config_path}: no 'model' entry (PromptRISConfig.to_dict()); was it written by train.py?")
-    model = PromptRIS(PromptRISConfig.from_dict(run_config["model"]))
-    check_and_load(model, read_safetensors(weights_path), weights_path)
-    vocab = run_config.get("vocab")
+    try:
+        config = PromptRISConfig.from_dict(run_config["model"])
+    except ValueError as e:
+        raise ValueError(f"{config_path}: 'model' entry: {e}") from e
+    _check_weights_fit(config, config_path, weights_path)  # before a foreign config builds a huge model
+    vocab, train = run_config.get("vocab"), run_config.get("train")
     if vocab is not None and not os.path.exists(vocab):
         raise FileNotFoundError(f"{config_path}: the run's tokenizer vocabulary {vocab} is missing")
+    if vocab is None and isinstance(train, dict) and train.get("clip_weights"):
+        raise ValueError(f"{config_path}: the run was trained from the CLIP weights {train['clip_weights']} without a "
+                         "BPE vocabulary ('vocab' is null): its pretrained text tower read byte-level token ids it "
+                         "never learned, so the run means nothing; train again with --vocab (" + HOW_TO_GET["vocab"]
+                         + ")")
+    model = PromptRIS(config)
+    check_and_load(model, read_safetensors(weights_path), weights_path)
     return model.to(device).eval(), Tokenizer(vocab), run_config
+
+
+def _check_weights_fit(config: PromptRISConfig, config_path: str, weights_path: str) -> None:
+    """The weights file's tensor shapes (its header) against a model of `config` built on the meta device (no
+    memory): a mismatch names both files and the first key that differs."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PromptRIS(config).state_dict().items()}
+    found = safetensors_shapes(weights_path)
+    differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if differing:
+        k = differing[0]
+        raise WeightsError(f"{weights_path} does not fit the model of {config_path}: {len(differing)} keys differ, "
+                           f"the first '{k}': file {found.get(k, 'absent')} vs config {expected.get(k, 'absent')}")
 
 
 def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, config: PromptRISConfig) -> dict:

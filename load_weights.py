@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from clip_vit import CLIP, CLIPConfig
@@ -40,6 +40,19 @@ def read_safetensors(path) -> dict:
         raise FileNotFoundError(f"{path}: no such weights file")
     try:
         return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def safetensors_shapes(path) -> dict:
+    """{key: shape} of a safetensors file from its header alone: no tensor is read, so a file can be checked
+    against a model's config before the model is built."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
