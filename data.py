@@ -343,13 +343,12 @@ def open_rgb(path, orient: bool = False, max_pixels: Optional[int] = None) -> Im
                              f"the limit of {limit} (Pillow's guard against decompression bombs); if the file is "
                              f"trusted, raise it with eval.py --max-image-pixels N or the environment variable "
                              f"{MAX_PIXELS_ENV}=N")
-        try:
-            image = ImageOps.exif_transpose(image) if orient else image
-            return _to_8bit(image, path).convert("RGB")
-        except ValueError:
-            raise
-        except Exception as e:  # a truncated or corrupt file fails here, when its pixels are decoded
+        try:  # a truncated or corrupt file fails here, when its pixels are decoded
+            pixels = ImageOps.exif_transpose(image) if orient else image
+            pixels.load()
+        except Exception as e:
             raise OSError(f"cannot open image {path}: {type(e).__name__}: {e}") from e
+        return _to_8bit(pixels, path).convert("RGB")
 
 
 def _to_8bit(image: Image.Image, path) -> Image.Image:
