@@ -480,8 +480,8 @@ def _read_hf_vocab(vocab_json: str, merges_txt: str) -> Tuple[dict, list]:
     try:
         with open(vocab_json, encoding="utf-8") as f:
             encoder = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{vocab_json}: not a JSON vocabulary ({e})") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep to read
+        raise ValueError(f"{vocab_json}: not a JSON vocabulary ({type(e).__name__}: {e})") from e
     with open(merges_txt, encoding="utf-8") as f:
         lines = f.read().split("\n")
     start = 1 if lines and lines[0].startswith("#version") else 0

@@ -49,7 +49,7 @@ from typing import Collection, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import synth
 from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
@@ -326,13 +326,70 @@ def hold_out_counts(data: RefData, sources: Sequence[tuple[str, Collection[int]]
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_image(path: str) -> Image.Image:
-    """Load an RGB image; any failure -> OSError naming the file."""
+# Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS (about 179 megapixels) as possible decompression bombs;
+# this environment variable lifts that limit for every image read here, in DataLoader workers too (they inherit it)
+MAX_PIXELS_ENV = "PROMPT_RIS_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) opened: $PROMPT_RIS_MAX_IMAGE_PIXELS, else Pillow's own limit."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if text is None:
+        return 2 * Image.MAX_IMAGE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={text!r}: must be a whole number of pixels >= 1")
+    return int(text)
+
+
+def open_rgb(path, orient: bool = False, max_pixels: Optional[int] = None) -> Image.Image:
+    """Read an image file as 8-bit RGB; every failure is one OSError or ValueError naming the file.
+
+    Pillow's convert("RGB") clips 16-bit pixels at 255 (a 0..65535 ramp turns almost white) and truncates floats,
+    so such images are scaled here instead: 16-bit modes (I;16*, and mode I holding 0..65535, as 16-bit TIFFs and
+    PNGs open) by 255 / 65535. Floating-point images (mode F) have no range to scale by (0..1? 0..255? a depth
+    map?) and are refused, as are 32-bit integer images beyond 16 bits.
+    orient: apply the EXIF orientation (photos as a viewer shows them; dataset images are not turned, their
+    annotations are drawn on the stored pixels). max_pixels: the size limit, default max_image_pixels().
+    """
+    limit = max_pixels or max_image_pixels()
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit below replaces Pillow's
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        image = Image.open(path)  # reads the header only: the size is known before any pixel is decoded
     except Exception as e:
         raise OSError(f"cannot open image {path}: {type(e).__name__}: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    with image:
+        if image.width * image.height > limit:
+            raise ValueError(f"{path}: {image.width}x{image.height} is {image.width * image.height} pixels, over "
+                             f"the limit of {limit} (Pillow's guard against decompression bombs); if the file is "
+                             f"trusted, raise it with eval.py --max-image-pixels N or the environment variable "
+                             f"{MAX_PIXELS_ENV}=N")
+        try:  # a truncated or corrupt file fails here, when its pixels are decoded
+            pixels = ImageOps.exif_transpose(image) if orient else image
+            pixels.load()
+        except Exception as e:
+            raise OSError(f"cannot open image {path}: {type(e).__name__}: {e}") from e
+        return _to_8bit(pixels, path).convert("RGB")
+
+
+def _to_8bit(image: Image.Image, path) -> Image.Image:
+    """Images whose pixels are not 8-bit, scaled to mode L; others as they are."""
+    if image.mode == "F":
+        raise ValueError(f"{path}: a 32-bit floating-point image (mode F) has no fixed range to map to 0..255; "
+                         "save it as an 8- or 16-bit image")
+    if not image.mode.startswith("I"):  # "I" and "I;16", "I;16B", ... (16-bit PNG / TIFF)
+        return image
+    pixels = np.asarray(image)
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise ValueError(f"{path}: a 32-bit integer image (mode {image.mode}) with values {pixels.min()}.."
+                         f"{pixels.max()}, beyond 16 bits; save it as an 8- or 16-bit image")
+    return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8))  # 65535 / 257 = 255
+
+
+def _open_image(path: str) -> Image.Image:
+    """A dataset image as stored (no EXIF turn: the annotations are drawn on these pixels), in RGB."""
+    return open_rgb(path)
 
 
 def drop_words(sentence: str, rng: np.random.Generator, p: float) -> str:
@@ -386,16 +443,27 @@ class _ImageSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def read_image(self, index: int) -> Image.Image:
+        """Image `index` in RGB; what makes it unusable (unreadable, the wrong size, too thin to resize) raises
+        OSError or ValueError in one line naming the file."""
+        info = self.data.images[self.image_ids[index]]
+        image = _open_image(info["path"])
+        if image.size != (info["width"], info["height"]):  # masks would not line up
+            raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
+                             f"says {info['width']}x{info['height']} (image id {info['id']})")
+        smallest = min(self.clip_size, self.sam_size)
+        if min(resize_longest_side_shape(image.height, image.width, smallest)) < 1:
+            raise ValueError(f"{info['path']} is {image.width}x{image.height}: its short side would shrink to 0 "
+                             f"pixels at the {smallest} px input (image id {info['id']}); crop it or leave it out")
+        return image
+
     def _item(self, index: int, image: Image.Image, picks: Sequence[tuple[dict, str]],
               with_original: bool = False) -> dict:
-        """Encode one image and its chosen (ref, sentence) pairs; each instance mask decoded once.
+        """Encode one image (from read_image) and its chosen (ref, sentence) pairs; each instance mask decoded once.
 
         with_original adds `gt_original`: the (H, W) uint8 mask of every sentence's instance.
         """
         info = self.data.images[self.image_ids[index]]
-        if image.size != (info["width"], info["height"]):  # masks would not line up
-            raise ValueError(f"{info['path']} is {image.width}x{image.height} but its annotation "
-                             f"says {info['width']}x{info['height']} (image id {info['id']})")
         cached = self.cached_sam_embedding(info["id"])
         clip_image, sam_image, valid = preprocess_image(image, self.clip_size, self.sam_size,
                                                         self.with_sam_images and cached is None)
@@ -446,8 +514,11 @@ class RefTrainSet(_ImageSet):
     `set_epoch(epoch, stage)` before each epoch (with `persistent_workers=True` the workers keep the
     copy of the dataset they were started with, so do not combine the two).
 
-    An image that cannot be opened is skipped with a logged warning and replaced by the next
-    index (deterministically); `max_skips` consecutive failures raise.
+    An image that cannot be used (read_image: unreadable, the wrong size, too thin) stops the run with its path,
+    unless `skip_bad_images`: then it is replaced by the next index (deterministically), logged, and its path
+    listed in the item's "skipped_images" (collate gathers them: DataLoader workers' logs may go unseen, the
+    batch reaches the main process); `max_skips` consecutive bad images still raise, so a dataset of bad images
+    ends. Every item carries "skipped_images" (empty when none was skipped).
 
     `category_ids` keeps only refs of those categories (Table 2: OV_SEEN_CATEGORIES). Only refs are
     dropped (`dropped_refs` counts them): an image keeps its pixels, unseen objects included, as long
@@ -463,7 +534,7 @@ class RefTrainSet(_ImageSet):
                  seed: int = 0, split: str = "train", word_drop: float = 0.2,
                  category_ids: Optional[Collection[int]] = None, context_length: int = 77,
                  max_skips: int = 16, held_out_from: Sequence[RefData] = (),
-                 image_dtype: torch.dtype = torch.float32):
+                 image_dtype: torch.dtype = torch.float32, skip_bad_images: bool = False):
         datas = [refs_data] if isinstance(refs_data, RefData) else list(refs_data)
         combined = combine_for_training(datas, split, held_out_from)
         refs = combined.refs
@@ -479,6 +550,7 @@ class RefTrainSet(_ImageSet):
         self.seed = seed
         self.word_drop = word_drop
         self.max_skips = max_skips
+        self.skip_bad_images = skip_bad_images
         self.epoch = 0
 
     def set_epoch(self, epoch: int, stage: int = 2) -> None:
@@ -508,18 +580,21 @@ class RefTrainSet(_ImageSet):
         return picks
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.max_skips + 1):
+        skipped = []
+        for attempt in range(self.max_skips + 1 if self.skip_bad_images else 1):
             i = (index + attempt) % len(self)
-            path = self.data.images[self.image_ids[i]]["path"]
             try:
-                image = _open_image(path)
-            except OSError as e:
-                logger.warning("skipping training image %d: %s; using image %d instead",
-                               i, e, (i + 1) % len(self))
+                image = self.read_image(i)
+            except (OSError, ValueError) as e:
+                if not self.skip_bad_images:
+                    raise type(e)(f"training image {i}: {e} (skip_bad_images=True, train.py --skip-bad-images, "
+                                  "skips such images)") from e
+                logger.warning("skipping training image %d: %s; using image %d instead", i, e, (i + 1) % len(self))
+                skipped.append(self.data.images[self.image_ids[i]]["path"])
                 continue
-            return self._item(i, image, self.sample_sentences(i, self.rng(i)))
+            return self._item(i, image, self.sample_sentences(i, self.rng(i))) | {"skipped_images": skipped}
         path = self.data.images[self.image_ids[index]]["path"]
-        raise OSError(f"{self.max_skips + 1} consecutive training images could not be opened, "
+        raise OSError(f"{self.max_skips + 1} consecutive training images could not be used, "
                       f"starting at index {index} ({path})")
 
 
@@ -528,7 +603,7 @@ class RefEvalSet(_ImageSet):
     sentence), plus `gt_original` masks at the original resolution for the metrics (§4.1).
 
     `category_ids` optionally keeps only refs of those categories (e.g. the unseen split of the
-    open-vocabulary setting). An image that cannot be opened raises OSError naming the file.
+    open-vocabulary setting). An image that cannot be used raises OSError or ValueError naming the file.
     """
 
     def __init__(self, refs_data: RefData, split: str, tokenizer, clip_size: int = 480,
@@ -541,9 +616,8 @@ class RefEvalSet(_ImageSet):
         super().__init__(refs_data, refs, tokenizer, clip_size, sam_size, context_length, image_dtype)
         self.split = split
 
-    def __getitem__(self, index: int) -> dict:
-        image = _open_image(self.data.images[self.image_ids[index]]["path"])
-        return self._item(index, image, self.pairs[index], with_original=True)
+    def __getitem__(self, index: int) -> dict:  # never skips: that would change the metrics' denominator
+        return self._item(index, self.read_image(index), self.pairs[index], with_original=True)
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -558,6 +632,7 @@ def collate(items: Sequence[dict]) -> dict:
     is valid by construction, so the model runs with `prepared=True`. Masks stay uint8 (a quarter of
     float32's bytes on the way to the device; the loss converts them there).
 
+    `skipped_images` lists the images RefTrainSet(skip_bad_images=True) skipped to make these items.
     With a SAM embedding cache (items with "sam_embedding"), `sam_embeddings` lists each image's cached F_IS
     or None, and `sam_images` holds the SAM inputs of the uncached images only, in order (None if all are).
     """
@@ -576,6 +651,8 @@ def collate(items: Sequence[dict]) -> dict:
         "ref_ids": torch.tensor([r for it in items for r in it["ref_ids"]]),
         "ann_ids": torch.tensor([a for it in items for a in it["ann_ids"]]),
         "category_ids": torch.tensor([c for it in items for c in it["category_ids"]]),
+        # paths of the training images skipped for this batch (RefTrainSet skip_bad_images), to count per epoch
+        "skipped_images": [p for it in items for p in it.get("skipped_images", ())],
     }
     if "sam_embedding" in items[0]:
         batch["sam_embeddings"] = [it["sam_embedding"] for it in items]

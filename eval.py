@@ -41,16 +41,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
 from coco import has_refs
-from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
-from load_weights import check_and_load, read_safetensors
+from data import MAX_PIXELS_ENV, RefEvalSet, collate, load_refs, open_rgb, preprocess_image, split_seen_unseen
+from load_weights import WeightsError, check_and_load, read_safetensors, safetensors_shapes
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
-from runtime import NumberRange
+from runtime import HOW_TO_GET, NumberRange
 from sam import SAM_MEAN, SAM_STD
 from viz import DISPLAY_SIDE, render_panel
 
@@ -359,14 +359,39 @@ def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
             run_config = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        except RecursionError as e:  # Python's JSON reader recurses once per nesting level
+            raise ValueError(f"{config_path}: not valid JSON (nested too deeply to read)") from e
     if not isinstance(run_config, dict) or "model" not in run_config:
         raise ValueError(f"{config_path}: no 'model' entry (PromptRISConfig.to_dict()); was it written by train.py?")
-    model = PromptRIS(PromptRISConfig.from_dict(run_config["model"]))
-    check_and_load(model, read_safetensors(weights_path), weights_path)
-    vocab = run_config.get("vocab")
+    try:
+        config = PromptRISConfig.from_dict(run_config["model"])
+    except ValueError as e:
+        raise ValueError(f"{config_path}: 'model' entry: {e}") from e
+    _check_weights_fit(config, config_path, weights_path)  # before a foreign config builds a huge model
+    vocab, train = run_config.get("vocab"), run_config.get("train")
     if vocab is not None and not os.path.exists(vocab):
         raise FileNotFoundError(f"{config_path}: the run's tokenizer vocabulary {vocab} is missing")
+    if vocab is None and isinstance(train, dict) and train.get("clip_weights"):
+        raise ValueError(f"{config_path}: the run was trained from the CLIP weights {train['clip_weights']} without a "
+                         "BPE vocabulary ('vocab' is null): its pretrained text tower read byte-level token ids it "
+                         "never learned, so the run means nothing; train again with --vocab (" + HOW_TO_GET["vocab"]
+                         + ")")
+    model = PromptRIS(config)
+    check_and_load(model, read_safetensors(weights_path), weights_path)
     return model.to(device).eval(), Tokenizer(vocab), run_config
+
+
+def _check_weights_fit(config: PromptRISConfig, config_path: str, weights_path: str) -> None:
+    """The weights file's tensor shapes (its header) against a model of `config` built on the meta device (no
+    memory): a mismatch names both files and the first key that differs."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PromptRIS(config).state_dict().items()}
+    found = safetensors_shapes(weights_path)
+    differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if differing:
+        k = differing[0]
+        raise WeightsError(f"{weights_path} does not fit the model of {config_path}: {len(differing)} keys differ, "
+                           f"the first '{k}': file {found.get(k, 'absent')} vs config {expected.get(k, 'absent')}")
 
 
 def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, config: PromptRISConfig) -> dict:
@@ -380,11 +405,11 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
     }
 
 
-def open_photo(path) -> Image.Image:
+def open_photo(path, max_pixels: int | None = None) -> Image.Image:
     """A photo as a viewer shows it: cameras store the sensor's pixels plus an EXIF orientation tag, which
-    is applied here (so the mask matches the picture people see), in RGB."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    is applied here (so the mask matches the picture people see), in 8-bit RGB (16-bit images scaled, float
+    images refused: data.open_rgb, which the datasets use too). max_pixels: --max-image-pixels."""
+    return open_rgb(path, orient=True, max_pixels=max_pixels)
 
 
 @torch.no_grad()
@@ -595,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     number("--max-vis", NumberRange(int, min=0), "panels saved by --save-vis", default=8)
     p.add_argument("--image", help="segment one photo instead (EXIF orientation applied; with --text, writes "
                                    "--out and/or --mask-out)")
+    number("--max-image-pixels", NumberRange(int, min=1), "open --image up to this many pixels (width x height; "
+           f"default Pillow's guard against decompression bombs, 2 x Image.MAX_IMAGE_PIXELS; dataset images: the "
+           f"environment variable {MAX_PIXELS_ENV})")
     p.add_argument("--text", help="referring expression for --image")
     p.add_argument("--out", help=f"panel written for --image, longest side <= {DISPLAY_SIDE} px "
                                  "(default pred.png, unless only --mask-out is given)")
@@ -633,7 +661,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.image):
             raise FileNotFoundError(f"--image {args.image}: no such file")
         started, timing = time.perf_counter(), Timing()
-        image = open_photo(args.image)
+        image = open_photo(args.image, args.max_image_pixels)
         result = predict_image(model, tokenizer, image, args.text, device=args.device, output=args.output,
                                prompts=prompts, amp_dtype=amp_dtype, timing=timing)
         summary = {"image_size": list(image.size), "mask_fraction": float(result["mask"].mean()),

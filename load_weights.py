@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from clip_vit import CLIP, CLIPConfig
@@ -44,8 +44,22 @@ def read_safetensors(path) -> dict:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def safetensors_shapes(path) -> dict:
+    """{key: shape} of a safetensors file from its header alone: no tensor is read, so a file can be checked
+    against a model's config before the model is built."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def check_and_load(module: torch.nn.Module, state: dict, path, ignore=(), assign=False) -> None:
-    """Strict load: every missing, unexpected or mis-shaped tensor is listed in one error. assign: the module's
+    """Strict load: every missing, unexpected or mis-shaped tensor, and every integer or bool tensor meant for a
+    floating-point parameter, is listed in one error. assign: the module's
     tensors become the given ones (a module built on the meta device), else the values are copied in."""
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not any(k.endswith(s) for s in ignore)}
@@ -53,8 +67,13 @@ def check_and_load(module: torch.nn.Module, state: dict, path, ignore=(), assign
     unexpected = sorted(state.keys() - own.keys())
     shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    # load_state_dict would copy int8 or bool values into a float parameter without a word; integer buffers
+    # (Hugging Face CLIP's position_ids) are not floating in the model either and stay accepted
+    dtypes = sorted(f"{k}: file {state[k].dtype} vs model {own[k].dtype}" for k in own.keys() & state.keys()
+                    if own[k].is_floating_point() and not state[k].is_floating_point())
     problems = [f"{name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+                for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                                   ("not floating point", dtypes)) if keys]
     if problems:
         raise WeightsError(f"{path}: cannot load into {type(module).__name__}; " + "; ".join(problems))
     module.load_state_dict(state, strict=True, assign=assign)
@@ -184,7 +203,8 @@ def load_clip(path, device="cpu") -> CLIP:
         state = clip_state_from_hf(state)
     with torch.device("meta"):  # shapes only: no random init (~2 s for ViT-B/16), the load sets every tensor
         model = CLIP(infer_clip_config(state, path))
-    check_and_load(model, {k: v.to(device, torch.float32).contiguous() for k, v in state.items()}, path, assign=True)
+    state = {k: v.to(device, torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    check_and_load(model, {k: v.contiguous() for k, v in state.items()}, path, assign=True)  # names int tensors
     return model
 
 

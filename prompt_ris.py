@@ -26,7 +26,8 @@ Paper symbol -> code name (N sentences, B images; sentence n shows image `image_
 Sizes: h = w = H_S = S / 16 (64 at S = 1024), C = SAM prompt_dim (256), D = CLIP embed_dim (512).
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+import reprlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,13 +47,31 @@ PROMPT_TYPES = ("mask", "point", "text")  # Table 5
 
 
 def _config_from_dict(cls, d: dict, where: str):
-    """Build dataclass `cls` from a JSON dict; lists become tuples (JSON has no tuples)."""
+    """Build dataclass `cls` from a JSON dict; lists become tuples (JSON has no tuples). A value of another type
+    than its field's default ("16" for an int) is a ValueError naming the key, not a TypeError deep in a module."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a dict, got {type(d).__name__}")
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for f in fields(cls):
+        if f.name in values and f.default is not MISSING and not _same_kind(values[f.name], f.default):
+            kind = (f"a list of {type(f.default[0]).__name__}" if isinstance(f.default, tuple) and f.default
+                    else type(f.default).__name__)  # as JSON writes it: a tuple is a list
+            raise ValueError(f"{where}.{f.name} should be {kind}, got {type(d[f.name]).__name__} "
+                             f"{reprlib.repr(d[f.name])}")
+    return cls(**values)
+
+
+def _same_kind(value, default) -> bool:
+    """Whether a JSON value fits a field with this default: an int is a float, a bool is not an int, a tuple's items
+    are of the kind of the default's first item."""
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and (not default or all(_same_kind(v, default[0]) for v in value))
+    return type(value) is type(default)
 
 
 @dataclass

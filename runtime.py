@@ -78,16 +78,18 @@ def check_inputs(tc: TrainConfig) -> None:
     if tc.vocab is not None and not os.path.exists(tc.vocab):
         raise FileNotFoundError(f"--vocab {tc.vocab}: no such file; {HOW_TO_GET['vocab']}")
     specs = dataset_specs(tc.datasets) + dataset_specs(tc.val_dataset)
-    if all(name == "synth" for name, _ in specs):
-        return  # the built-in data is written when absent
     root = tc.data_root or ""
-    for name, split_by in specs:
+    built_in = all(name == "synth" for name, _ in specs)  # the built-in data is written when absent
+    for name, split_by in [] if built_in else specs:
         folder = os.path.join(root, name)
         refs = [os.path.join(folder, f"refs({split_by}).{ext}") for ext in ("p", "json")]
         needed = [" or ".join(refs)] if not any(map(os.path.isfile, refs)) else []
         needed += [p for p in [os.path.join(folder, "instances.json")] if not os.path.isfile(p)]
         if needed:
             raise FileNotFoundError(f"--data-root {root}: missing {'; '.join(needed)}; {HOW_TO_GET['data_root']}")
+    if tc.clip_weights is not None and tc.vocab is None:  # the byte-level fallback is for random CLIP towers only
+        raise ValueError(f"--clip-weights {tc.clip_weights} without --vocab: CLIP's text tower was trained on BPE "
+                         f"token ids and would read byte-level ids it never learned; pass --vocab: {HOW_TO_GET['vocab']}")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ class TrainConfig:
     seen_only: bool = knob(False, "train on refs of the 48 seen COCO categories only (data.OV_SEEN_CATEGORIES, "
                            "CGFormer's split after OVR-CNN); images stay, refs of other categories are dropped",
                            "§4.1, Table 2")
+    skip_bad_images: bool = knob(False, "skip training images that cannot be read (each counted, the count printed at "
+                                 "each epoch's end) instead of stopping at the first, naming it; evaluation never "
+                                 "skips (it would change the metric's denominator)")
     # -- model (sizes and the ablation switches of Tables 3-5) --
     clip_size: int = knob(480, "CLIP input size H_C x W_C (patch 16 -> 30 x 30 grid)", "§4.2", min=16)
     sam_size: int = knob(1024, "SAM input size (must match SAM weights when given)", "§4.2", min=16)
@@ -407,7 +410,7 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype:
     train_set = data.RefTrainSet([loaded[s] for s in specs], tokenizer, clip_size=tc.clip_size,
                                  sam_size=tc.sam_size, sentences_per_image=tc.sentences_per_image, seed=tc.seed,
                                  held_out_from=held_out, category_ids=data.OV_SEEN_CATEGORIES if tc.seen_only else None,
-                                 image_dtype=image_dtype)
+                                 image_dtype=image_dtype, skip_bad_images=tc.skip_bad_images)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size, image_dtype=image_dtype)
     return train_set, val_set, hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)

@@ -150,7 +150,7 @@ def read_curves(log_jsonl) -> dict[str, list[tuple[int, float]]]:
                 for key, value in record.items():
                     if key not in _NOT_CURVES:
                         series.setdefault(key, []).append((record["step"], float(value)))
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
                 raise ValueError(f"{log_jsonl}: line {n} is not a train.py log record ({type(e).__name__}: {e})")
     order = sorted(series, key=lambda k: (k != "loss") + k.startswith("val "))  # loss, terms, validations
     return {k: series[k] for k in order}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import coco
 import data
@@ -633,18 +634,27 @@ def test_real_tokenizer_fits_the_dataset(synth):
     assert (tokens[:, 0] == 49406).all() and (tokens == 49407).sum(1).eq(1).all()
 
 
-def test_unreadable_training_image_is_skipped_with_a_log(synth_root, caplog, tmp_path):
-    root = shutil.copytree(synth_root, tmp_path / "synth")  # a private copy: the module's files stay intact
+def broken_copy(synth_root, tmp_path, index=2):
+    """A private copy of the synth data (the module's files stay intact) whose training image `index` is not an image:
+    (its RefData, the broken file's path)."""
+    root = shutil.copytree(synth_root, tmp_path / "synth")
     copy = data.load_refs(str(root), "synth", "unc")
     ds = train_set(copy)
-    broken = ds.data.images[ds.image_ids[2]]["path"]
+    broken = ds.data.images[ds.image_ids[index]]["path"]
     with open(broken, "wb") as f:
         f.write(b"not a jpeg")
+    return copy, broken
+
+
+def test_unreadable_training_image_is_skipped_with_a_log(synth_root, caplog, tmp_path):
+    copy, broken = broken_copy(synth_root, tmp_path)
+    ds = train_set(copy, skip_bad_images=True)
     with caplog.at_level(logging.WARNING, logger="data"):
         item = ds[2]
     assert item["image_id"] == ds.image_ids[3]  # the next image, deterministically
     assert item["sentences"] == ds[3]["sentences"]
     assert broken in caplog.text and "skipping" in caplog.text
+    assert item["skipped_images"] == [broken] and ds[3]["skipped_images"] == []
     eval_set = data.RefEvalSet(copy, "train", CharTokenizer(), CLIP_SIZE, SAM_SIZE)
     with pytest.raises(OSError, match="cannot open image .*" + os.path.basename(broken)):
         eval_set[eval_set.image_ids.index(ds.image_ids[2])]
@@ -713,3 +723,74 @@ def test_synth_loads_like_refcoco_with_sensible_objects(synth):
         area = synth.mask(r["ann_id"]).mean()
         assert 0.01 < area < 0.5, (r, image)
         assert 2 <= len(r["sentences"]) <= 3
+
+
+# ---- image files that are not 8-bit, or too large ----
+
+
+def ramp16(path, mode="I;16"):
+    """A 16-bit gray ramp 0..65520 (64 x 64), saved in `mode` ("I;16": PNG; "I": a 32-bit TIFF of 16-bit values)."""
+    pixels = np.arange(64 * 64).reshape(64, 64) * 16
+    Image.fromarray(pixels.astype(np.uint16 if mode == "I;16" else np.int32)).save(path)
+    return pixels
+
+
+@pytest.mark.parametrize("name, mode", [("ramp.png", "I;16"), ("ramp.tif", "I")])
+def test_16_bit_images_are_scaled_by_65535_not_clipped(tmp_path, name, mode):
+    pixels = ramp16(tmp_path / name, mode)
+    assert Image.open(tmp_path / name).mode == mode
+    image = data._open_image(str(tmp_path / name))
+    expected = np.rint(pixels / 257.0)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image)[..., 0], expected)  # clipped: mean 254.5
+
+
+def test_float_and_32_bit_images_are_refused_naming_file_and_mode(tmp_path):
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'f.tif'}: a 32-bit floating-point image \\(mode F\\)"):
+        data._open_image(str(tmp_path / "f.tif"))
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i.tif")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'i.tif'}: a 32-bit integer image \\(mode I\\)"):
+        data._open_image(str(tmp_path / "i.tif"))
+
+
+def test_image_over_the_pixel_limit_names_the_limit_and_how_to_lift_it(tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's guard now stops at 2 x 50 pixels
+    with pytest.raises(ValueError, match=f"{tmp_path / 'big.png'}: 20x20 is 400 pixels, over the limit of 100 .*"
+                                         "--max-image-pixels N .*PROMPT_RIS_MAX_IMAGE_PIXELS=N"):
+        data._open_image(str(tmp_path / "big.png"))
+    monkeypatch.setenv("PROMPT_RIS_MAX_IMAGE_PIXELS", "400")
+    assert data._open_image(str(tmp_path / "big.png")).size == (20, 20)
+    assert Image.MAX_IMAGE_PIXELS == 50  # Pillow's own setting is left as it was
+
+
+def test_an_unreadable_training_image_stops_training_naming_it(synth_root, tmp_path):
+    copy, broken = broken_copy(synth_root, tmp_path)
+    with pytest.raises(OSError, match=f"training image 2: cannot open image {broken}: .*--skip-bad-images"):
+        train_set(copy)[2]
+
+
+def test_skipped_images_reach_the_batch_from_worker_processes(synth_root, tmp_path):
+    copy, broken = broken_copy(synth_root, tmp_path)
+    loader = torch.utils.data.DataLoader(train_set(copy, skip_bad_images=True), batch_sampler=[[0, 1], [2, 3]],
+                                         collate_fn=data.collate, num_workers=1)
+    assert [batch["skipped_images"] for batch in loader] == [[], [broken]]
+
+
+def test_a_dataset_of_bad_images_still_ends_with_an_error(synth, tmp_path):
+    images = {k: dict(v, path=str(tmp_path / "gone.jpg")) for k, v in synth.images.items()}
+    gone = data.RefData(synth.dataset, synth.split_by, synth.refs, synth.anns, images)
+    with pytest.raises(OSError, match="3 consecutive training images could not be used"):
+        train_set(gone, skip_bad_images=True, max_skips=2)[0]
+
+
+def test_a_one_pixel_high_image_names_the_file(synth_root, tmp_path):
+    root = shutil.copytree(synth_root, tmp_path / "synth")
+    copy = data.load_refs(str(root), "synth", "unc")
+    ds = train_set(copy)
+    info = copy.images[ds.image_ids[2]]
+    Image.new("RGB", (300, 1)).save(info["path"], format="JPEG")
+    info.update(width=300, height=1)
+    with pytest.raises(ValueError, match=f"{info['path']} is 300x1: its short side would shrink to 0 pixels"):
+        ds[2]
+    assert train_set(copy, skip_bad_images=True)[2]["skipped_images"] == [info["path"]]

@@ -374,3 +374,72 @@ def test_paper_table_has_the_columns_found_and_the_papers_row(tmp_path):
     assert unseen[3].split() == ["paper", "65.07", "62.02", "46.41", "45.66"]  # Table 2, Ours, unseen
     with pytest.raises(ValueError, match="no refs file"):
         ris_eval.table_columns(str(tmp_path / "refcoco"), "all")
+
+
+def test_a_16_bit_photo_is_scaled_and_a_float_one_refused(run_dir, tmp_path):
+    pixels = np.arange(64 * 64).reshape(64, 64) * 16  # 0..65520: clipped at 255 it would be white
+    Image.fromarray(pixels.astype(np.uint16)).save(tmp_path / "ramp.png")
+    assert np.array_equal(np.asarray(ris_eval.open_photo(tmp_path / "ramp.png"))[..., 1], np.rint(pixels / 257.0))
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "depth.tif")
+    with pytest.raises(ValueError, match="depth.tif: a 32-bit floating-point image \\(mode F\\)"):
+        ris_eval.main(["--checkpoint", str(run_dir), "--image", str(tmp_path / "depth.tif"), "--text", "a"])
+
+
+def test_a_photo_over_the_pixel_limit_says_which_flag_lifts_it(run_dir, tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's guard: 2 x 50 pixels
+    args = ["--checkpoint", str(run_dir), "--image", str(tmp_path / "big.png"), "--text", "a", "--mask-out",
+            str(tmp_path / "mask.png")]
+    with pytest.raises(ValueError, match="big.png: 20x20 is 400 pixels, over the limit of 100 .*--max-image-pixels"):
+        ris_eval.main(args)
+    assert ris_eval.main(args + ["--max-image-pixels", "400"]) == 0
+
+
+def test_run_weights_of_integers_are_refused_naming_the_key(run_dir, tmp_path):
+    state = load_file(str(run_dir / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    save_file({**state, key: state[key].to(torch.int8)}, str(tmp_path / "model.safetensors"))
+    shutil.copy(run_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match=f"model.safetensors.*not floating point \\(1\\): {key}: file torch.int8"):
+        ris_eval.load_run(tmp_path)
+
+
+def run_with_config(run_dir, tmp_path, change) -> str:
+    """A copy of run_dir's weights beside its config.json as `change(config dict)` leaves it."""
+    config = json.loads((run_dir / "config.json").read_text())
+    change(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(run_dir / "model.safetensors", tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_a_config_value_of_the_wrong_type_names_the_file_and_key(run_dir, tmp_path):
+    run = run_with_config(run_dir, tmp_path, lambda c: c["model"]["clip"].update(vision_layers="2"))
+    with pytest.raises(ValueError, match=r"config.json: 'model' entry: PromptRISConfig.clip.vision_layers should be "
+                                         "int, got str '2'"):
+        ris_eval.load_run(run)
+
+
+def test_a_deeply_nested_config_names_the_file(run_dir, tmp_path):
+    shutil.copy(run_dir / "model.safetensors", tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="config.json: not valid JSON \\(nested too deeply"):
+        ris_eval.load_run(tmp_path)
+
+
+def test_a_foreign_config_is_checked_against_the_weights_before_the_model_is_built(run_dir, tmp_path, monkeypatch):
+    run = run_with_config(run_dir, tmp_path, lambda c: c["model"]["sam"].update(encoder_width=4096))
+    built = []
+    monkeypatch.setattr(ris_eval, "PromptRIS", lambda config: built.append(torch.get_default_device()) or
+                        PromptRIS(config))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the model of .*config.json: \d+ keys differ, "
+                                         r"the first '.*': file \(.*\) vs config \(.*4096"):
+        ris_eval.load_run(run)
+    assert built == [torch.device("meta")]  # only the shapes were built
+
+
+def test_a_run_trained_from_clip_weights_without_its_vocabulary_is_refused(run_dir, tmp_path):
+    run = run_with_config(run_dir, tmp_path, lambda c: c["train"].update(clip_weights="weights/ViT-B-16.safetensors"))
+    with pytest.raises(ValueError, match="config.json: the run was trained from the CLIP weights .* without a BPE "
+                                         "vocabulary .*python load_weights.py download vocab"):
+        ris_eval.load_run(run)

@@ -258,3 +258,12 @@ def test_inspect_names_vit_b_and_clip(clip_state, tmp_path, capsys):
 def test_inspect_of_a_missing_file_reports_it(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nowhere.safetensors")]) == 1
     assert "nowhere.safetensors: no such weights file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_an_integer_or_bool_tensor_for_a_float_parameter_is_named(loader, tmp_path, dtype):
+    load, state, corrupt_key, _ = loader
+    bad = torch.ones_like(state[corrupt_key], dtype=dtype)
+    path = save_state({**state, corrupt_key: bad}, tmp_path / "q.safetensors")
+    with pytest.raises(WeightsError, match=f"{path}.*not floating point \\(1\\): {corrupt_key}: file {dtype}"):
+        load(path)

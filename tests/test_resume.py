@@ -340,3 +340,15 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_update(micro_root, tmp_p
         train.main(micro_args(micro_root, out, "--save-every", "1"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_clip_weights_without_a_bpe_vocabulary_are_refused_before_any_work(tmp_path):
+    for name in ("clip.safetensors", "sam.safetensors"):
+        (tmp_path / name).write_bytes(b"")  # present: the vocabulary is checked before they are read
+    out = tmp_path / "run"
+    args = ["--clip-weights", str(tmp_path / "clip.safetensors"), "--sam-weights", str(tmp_path / "sam.safetensors"),
+            "--data-root", str(tmp_path / "data"), "--datasets", "synth", "--val-dataset", "synth", "--out", str(out)]
+    with pytest.raises(ValueError, match=r"--clip-weights .*clip\.safetensors without --vocab: .*BPE .*run "
+                                         r"`python load_weights.py download vocab`"):
+        train.main(args)
+    assert not out.exists()

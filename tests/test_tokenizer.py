@@ -160,3 +160,10 @@ def test_missing_or_malformed_vocabulary_is_reported(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         Tokenizer(tmp_path / "vocab.json")
+
+
+def test_a_deeply_nested_vocab_json_names_the_file(tmp_path):
+    (tmp_path / "vocab.json").write_text("[" * 100_000)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="vocab.json: not a JSON vocabulary \\(RecursionError"):
+        Tokenizer(tmp_path / "vocab.json")

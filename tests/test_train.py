@@ -536,3 +536,10 @@ def test_two_process_ddp_averages_gradients_like_one_process(micro_root, tmp_pat
     # what the SAM-side comparison relies on: the same point everywhere, no mask logit near the threshold
     assert outputs[-1]["point"].eq(0).all() and all(s["point"].eq(0).all() for s in saved)
     assert outputs[-1]["mask"].abs().min() > 0.5
+
+
+def test_skip_bad_images_flag_reaches_the_training_set_and_evaluation_never_skips(micro_root):
+    for flags, skips in (([], False), (["--skip-bad-images"], True)):
+        train_set, val_set, _ = train.build_data(train.parse_args(micro_args(micro_root, "unused", *flags)),
+                                                 train.Tokenizer(None), master=True)
+        assert train_set.skip_bad_images is skips and not hasattr(val_set, "skip_bad_images")

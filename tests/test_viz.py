@@ -57,3 +57,10 @@ def test_draw_curves_names_a_line_that_is_not_a_log_record(tmp_path):
     log.write_text('{"step": 1, "loss": 1.0}\nnot json\n')
     with pytest.raises(ValueError, match="log.jsonl: line 2"):
         viz.draw_curves(log, tmp_path / "curves.png")
+
+
+def test_draw_curves_names_a_line_nested_too_deeply(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="log.jsonl: line 2 is not a train.py log record \\(RecursionError"):
+        viz.draw_curves(log, tmp_path / "curves.png")
