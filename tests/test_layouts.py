@@ -5,8 +5,9 @@ Unlike test_train.py's layout tests, the model is not conditioned: these are the
 batch, --micro-batch 1, --micro-batch 2 and 2 gloo processes x --micro-batch 1 differ only in the order of
 float sums, so their logits differ in the last bits. The seg terms are smooth in the logits. ICL's weights w_i
 (Eq. 8) threshold them at 0, so a logit near 0 flips a pixel of a w_i (~1/200 of a 32 x 32 mask): a few
-flips are 1e-3 of an ICL term (up to 8e-3 measured). Once the weights differ, the runs separate (a flipped w_i, O_ij at Eq. (8)'s
-clamp, AdamW's sign-like first updates): after the first end-to-end step no tolerance is stated or tested.
+flips are 1e-3 of an ICL term (up to 8e-3 measured). Once the weights differ, the runs separate (a flipped
+w_i, O_ij at Eq. (8)'s clamp, AdamW's sign-like first updates): after the first end-to-end step no tolerance
+is stated or tested.
 
 The micro runs of tests/helpers.py: 2 steps per epoch, stage 1 in epoch 0, so steps 1-2 are stage 1 and step
 3 is the first end-to-end step (SAM, Gumbel noise and prompt dropout).
