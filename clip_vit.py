@@ -206,11 +206,11 @@ class VisionTransformer(nn.Module):
     def pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
         """Positional embedding (1 + gh*gw, width) for a patch grid."""
         pos = self.positional_embedding
+        if pos.requires_grad:  # trainable: resize inside the graph so gradients reach the 14x14 table
+            self._pos_cache.clear()  # the weights are about to change, also when training at the native grid
+            return pos if grid == self.native_grid else resize_pos_embed(pos, grid)
         if grid == self.native_grid:
             return pos
-        if pos.requires_grad:  # trainable: resize inside the graph so gradients reach the 14x14 table
-            self._pos_cache.clear()  # the weights are about to change
-            return resize_pos_embed(pos, grid)
         if grid not in self._pos_cache:  # frozen: one resize per resolution, not one per forward
             with torch.no_grad():
                 self._pos_cache[grid] = resize_pos_embed(pos, grid)
