@@ -634,24 +634,29 @@ def icl_loss(logits: torch.Tensor, target: torch.Tensor, instance_ids: torch.Ten
 
 
 def total_loss(outputs: Dict[str, torch.Tensor], masks: torch.Tensor, instance_ids: torch.Tensor,
-               image_index: torch.Tensor, config: LossConfig = LossConfig()) -> Dict[str, torch.Tensor]:
+               image_index: torch.Tensor, config: LossConfig = LossConfig(), image_share: float = 1.0,
+               sentence_share: float = 1.0) -> Dict[str, torch.Tensor]:
     """Eq. (9) for a PromptRIS output dict and ground-truth masks (N, S, S) in the padded SAM frame (stage 1 may
     give them in the CLIP frame (N, Hc, Hc): only their area averages on the CLIP grid are used).
 
     Returns "clip_seg" (coarse mask vs the masks area-averaged onto the CLIP grid), "icl_clip", and with
     a "mask" output (stage 2) "sam_seg", "icl_sam"; the ICL terms only with config.icl; "loss" is the sum.
+
+    Each term is a mean over this batch: the seg terms over its sentences, the ICL terms over its images (Eq. (8)).
+    A micro-batch of a larger batch passes its share of that batch's images and sentences: each term is weighted by
+    it, so the terms, and their gradients, summed over the micro-batches are the whole batch's.
     """
     with full_precision(masks.device):  # float32 also under autocast: O_ii must be exactly 1
         coarse = outputs["coarse"].float()
         coarse_target = F.interpolate(masks[:, None].float(), size=coarse.shape[-2:], mode="area")[:, 0]
-        terms = {"clip_seg": seg_loss(coarse, coarse_target)}  # L_clip.seg
+        terms = {"clip_seg": seg_loss(coarse, coarse_target) * sentence_share}  # L_clip.seg
         if config.icl:
-            terms["icl_clip"] = icl_loss(coarse, coarse_target, instance_ids, image_index)
+            terms["icl_clip"] = icl_loss(coarse, coarse_target, instance_ids, image_index) * image_share
         if "mask" in outputs:
             mask = outputs["mask"].float()
-            terms["sam_seg"] = seg_loss(mask, masks.float())  # L_sam.seg
+            terms["sam_seg"] = seg_loss(mask, masks.float()) * sentence_share  # L_sam.seg
             if config.icl:
-                terms["icl_sam"] = icl_loss(mask, masks.float(), instance_ids, image_index)
+                terms["icl_sam"] = icl_loss(mask, masks.float(), instance_ids, image_index) * image_share
     # Eq. (9): L = L_clip.seg + L_sam.seg + L_icl (L_icl on both the final and the coarse masks)
     terms["loss"] = sum(terms.values())
     return terms

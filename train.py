@@ -472,20 +472,33 @@ def collate_micro_batches(items: list[dict], size: int, seed: int, epoch: int) -
 # ---------------------------------------------------------------------------------------------
 
 
-PER_IMAGE_TERMS = ("icl_clip", "icl_sam")  # Eq. (8) averages over images; the seg losses over sentences
-
-
 def train_step(model, raw_model: PromptRIS, micro_batches: list[dict], optimizer, params, stage: int,
                tc: TrainConfig, procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool,
                state: TrainState) -> dict:
-    """Forward, Eq. (9) and backward of every micro-batch, then one AdamW update; returns the loss terms of
-    the whole global batch and "grad_norm", averaged over the ranks. A non-finite loss or gradient norm stops
-    the run before the update, an out-of-memory error with what lowers memory (the last checkpoint stays)."""
+    """One AdamW update on the global batch: forward, Eq. (9) and backward of each micro-batch, each term weighted
+    by the micro-batch's share of the batch (so the summed gradient is the whole batch's), then clip and update.
+    Returns the loss terms of the global batch and "grad_norm", averaged over the ranks. A non-finite loss or
+    gradient norm stops the run before the update, an out-of-memory error with what lowers memory (the last
+    checkpoint stays)."""
+    images = sum(len(b["clip_images"]) for b in micro_batches)
+    sentences = sum(len(b["tokens"]) for b in micro_batches)
+    summed = {}
     try:
-        terms = accumulate_gradients(model, raw_model, micro_batches, stage, tc, procs, amp_dtype, sam_cache,
-                                     train_towers)
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        values = mean_over_ranks(terms, procs)  # the step's one host sync; every rank sees the same values
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1  # DDP averages the gradients over the ranks once, after the last
+            with contextlib.nullcontext() if last or not procs.ddp else model.no_sync():
+                with autocast(procs.device, amp_dtype):
+                    features = None
+                    if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
+                        with torch.no_grad():
+                            features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
+                    terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features,
+                                           icl=tc.icl, image_share=len(batch["clip_images"]) / images,
+                                           sentence_share=len(batch["tokens"]) / sentences)
+                terms["loss"].backward()
+            summed = {k: summed.get(k, 0) + v.detach() for k, v in terms.items()}
+        summed["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        values = mean_over_ranks(summed, procs)  # the step's one host sync; every rank sees the same values
         stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
         optimizer.step()
     except torch.cuda.OutOfMemoryError:
@@ -495,34 +508,10 @@ def train_step(model, raw_model: PromptRIS, micro_batches: list[dict], optimizer
     return values
 
 
-def accumulate_gradients(model, raw_model: PromptRIS, micro_batches: list[dict], stage: int, tc: TrainConfig,
-                         procs: Processes, amp_dtype, sam_cache: str | None, train_towers: bool) -> dict:
-    """Backward of each micro-batch's share of the batch loss: the summed gradient is the whole batch's.
-    Returns this rank's loss terms of its share of the global batch (tensors, not yet averaged)."""
-    images = sum(len(b["clip_images"]) for b in micro_batches)
-    sentences = sum(len(b["tokens"]) for b in micro_batches)
-    summed = {}
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1  # DDP averages the gradients over the ranks once, after the last
-        with contextlib.nullcontext() if last or not procs.ddp else model.no_sync():
-            with autocast(procs.device, amp_dtype):
-                features = None
-                if stage == 2 and not train_towers:  # frozen SAM: F_IS once per image, no graph
-                    with torch.no_grad():
-                        features = sam_embeddings(raw_model, batch, procs.device, sam_cache)
-                terms = forward_losses(model, batch, procs.device, use_sam=stage == 2, sam_features=features,
-                                       icl=tc.icl)
-            share = {"images": len(batch["clip_images"]) / images, "sentences": len(batch["tokens"]) / sentences}
-            terms = {k: v * share["images" if k in PER_IMAGE_TERMS else "sentences"]  # each term is a mean
-                     for k, v in terms.items() if k != "loss"}                          # over this micro-batch only
-            terms["loss"] = sum(terms.values())
-            terms["loss"].backward()
-        summed = {k: summed.get(k, 0) + v.detach() for k, v in terms.items()}
-    return summed
-
-
-def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True) -> dict:
-    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl).
+def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None, icl: bool = True,
+                   image_share: float = 1.0, sentence_share: float = 1.0) -> dict:
+    """The model on one batch and the loss terms of Eq. (9) ("loss" = their sum; icl=False: without L_icl), each
+    weighted by the batch's share of a larger batch (total_loss).
     Without given SAM features (stage 1, or SAM's encoder training) the model encodes batch["sam_images"].
     The batch's "sample_keys" (training batches) key its Gumbel noise and prompt dropout. Copies are
     asynchronous (pinned batches on CUDA) and the collated batch needs no host sync."""
@@ -535,7 +524,7 @@ def forward_losses(model, batch: dict, device, use_sam: bool, sam_features=None,
     torch._dynamo.mark_dynamic(tokens, 1)  # --compile: the text length (a multiple of 8) varies, one graph for all
     out = model(to("clip_images"), tokens, index, sam_embeddings=sam_features, sam_images=sam_images,
                 use_sam=use_sam, prepared=True, sample_keys=keys)
-    return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl))
+    return total_loss(out, to("masks"), to("instance_ids"), index, LossConfig(icl=icl), image_share, sentence_share)
 
 
 # ---------------------------------------------------------------------------------------------
