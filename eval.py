@@ -47,7 +47,8 @@ from tqdm import tqdm
 from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
 from coco import has_refs
-from data import MAX_PIXELS_ENV, RefEvalSet, collate, load_refs, open_rgb, preprocess_image, split_seen_unseen
+from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
+from images import MAX_PIXELS_ENV, open_rgb
 from load_weights import WeightsError, check_and_load, read_safetensors, safetensors_shapes
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
 from runtime import HOW_TO_GET, NumberRange
@@ -408,7 +409,7 @@ def image_batch(image: Image.Image, texts: list[str], tokenizer: Tokenizer, conf
 def open_photo(path, max_pixels: int | None = None) -> Image.Image:
     """A photo as a viewer shows it: cameras store the sensor's pixels plus an EXIF orientation tag, which
     is applied here (so the mask matches the picture people see), in 8-bit RGB (16-bit images scaled, float
-    images refused: data.open_rgb, which the datasets use too). max_pixels: --max-image-pixels."""
+    images refused: images.open_rgb, which the datasets use too). max_pixels: --max-image-pixels."""
     return open_rgb(path, orient=True, max_pixels=max_pixels)
 
 
