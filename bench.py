@@ -58,12 +58,6 @@ DEMO_TRAIN_IMAGES = 600  # synth.make_synth's training split
 # ---- timing ----
 
 
-def _sync(device: str) -> None:
-    """Wait for the queued work of the GPU that runs the benchmark (cuda:N too), so timings measure it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def training_precision(device: str):
     """The precision train.py runs with on this device: TF32 matmuls and bf16 autocast on a GPU that has
@@ -89,10 +83,10 @@ def median_times(fns: dict, device: str, warmup: int, repeats: int) -> dict:
             fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            runtime.sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            runtime.sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -274,7 +268,7 @@ def train_step_memory(size: str, device: str) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        runtime.sync(device)
 
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -347,14 +341,14 @@ def bench_train_step(args) -> dict:
                     chunk["sam_embeddings"] = [torch.load(sam_cache_path(cache_dir, i), weights_only=True)
                                                for i in chunk["image_ids"]]
                     chunk["sam_images"] = None
-        _sync(args.device)
+        runtime.sync(args.device)
         before = memory_now(device)  # the built model, its inputs and the cached embeddings
         reset_peak_memory(device)
 
         def step():
             train.train_step(model, model, chunks, optimizer, params, stage, tc, procs, amp_dtype, cache_dir,
                              train_towers, checkpoints.TrainState())
-            _sync(args.device)
+            runtime.sync(args.device)
 
         times = []
         for n in range(1 + args.steps):

@@ -31,7 +31,6 @@ its full resolution; only the panel is drawn smaller (longest side viz.DISPLAY_S
 photo costs the model's time plus about a second.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_un
 from images import MAX_PIXELS_ENV, open_rgb
 from load_weights import WeightsError, check_and_load, read_safetensors, safetensors_shapes
 from prompt_ris import PROMPT_TYPES, PromptRIS, PromptRISConfig
-from runtime import HOW_TO_GET, NumberRange
+from runtime import HOW_TO_GET, NumberRange, autocast, sync
 from sam import SAM_MEAN, SAM_STD
 from viz import DISPLAY_SIDE, render_panel
 
@@ -155,20 +154,6 @@ def _mean_of_group_means(values: np.ndarray, keys: list) -> float:
 OUTPUTS = ("mask", "coarse")  # Table 3: the final SAM mask | the CLIP-only coarse mask S'_C
 
 
-def _device_type(device) -> str:
-    return torch.device(device).type
-
-
-def _sync(device) -> None:
-    """Wait for queued GPU work so that wall-clock timings measure it."""
-    if _device_type(device) == "cuda":
-        torch.cuda.synchronize()
-
-
-def _autocast(device, amp_dtype):
-    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(_device_type(device), dtype=amp_dtype)
-
-
 @dataclass
 class Timing:
     """Model time of an evaluation, split so that the saving of the embedding cache is visible."""
@@ -199,15 +184,15 @@ def run_model(model: PromptRIS, batch: dict, *, device="cpu", output: str = "mas
     clip_images = batch["clip_images"].to(device, non_blocking=True)  # pinned by the loader on CUDA
     tokens = batch["tokens"].to(device, non_blocking=True)
     image_index = batch["image_index"].to(device, non_blocking=True)
-    with _autocast(device, amp_dtype):
-        _sync(device)
+    with autocast(device, amp_dtype):
+        sync(device)
         start = time.perf_counter()
         sam_embeddings = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if use_sam else None
-        _sync(device)
+        sync(device)
         encoded = time.perf_counter()
         out = model(clip_images, tokens, image_index, sam_embeddings=sam_embeddings, use_sam=use_sam,
                     prompts=prompts, prepared=True)  # cut and checked on the CPU: no host sync
-        _sync(device)
+        sync(device)
     if timing is not None:
         timing.sam_encoder_s += encoded - start
         timing.encoded_images += clip_images.shape[0] if use_sam else 0

@@ -195,8 +195,15 @@ def describe_dtype(tc: TrainConfig, device: torch.device, amp_dtype) -> str:
     return "float32"
 
 
-def autocast(device: torch.device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+def autocast(device, amp_dtype):
+    """Autocast to amp_dtype on `device` (a torch.device or its name); None: float32, no autocast."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def sync(device) -> None:
+    """Wait for the queued work of the GPU `device` (cuda:N too), so that wall-clock timings measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def wrap_model(raw_model: PromptRIS, tc: TrainConfig, procs: Processes):

@@ -269,11 +269,11 @@ def test_images_per_second_keep_two_significant_digits():
 # ---- 7. bench.py on CUDA ----
 
 
-def test_bench_synchronises_the_gpu_it_runs_on(monkeypatch):
+def test_timings_synchronise_the_gpu_they_run_on(monkeypatch):
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(torch.device(device)))
-    bench._sync("cuda:3")
-    bench._sync("cpu")
+    runtime.sync("cuda:3")
+    runtime.sync("cpu")
     assert synced == [torch.device("cuda", 3)]
 
 
