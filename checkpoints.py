@@ -117,12 +117,19 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
         dist.all_gather_object(states, rng_state(procs.device))
     else:
         states = [rng_state(procs.device)]
+    path = os.path.join(out, "ckpt.pt")
     if procs.master:
-        atomic_write(os.path.join(out, "ckpt.pt"), lambda f: torch.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
-            "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
-            "train_config": asdict(tc)}, f))
+        try:
+            atomic_write(path, lambda f: torch.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+                "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": states,
+                "untrained": state.untrained, "best": state.best, "model_config": model.config.to_dict(),
+                "train_config": asdict(tc)}, f))
+        except (OSError, RuntimeError) as e:  # torch.save's writer reports a full disk as a RuntimeError
+            kept = (f"The step {state.last_saved} checkpoint is kept" if os.path.isfile(path)
+                    else "No checkpoint was saved before")
+            raise OSError(f"step {state.step}: could not write {path} ({type(e).__name__}: {e}); disk full? "
+                          f"{kept}") from e
     state.last_saved = state.step
 
 
@@ -163,12 +170,26 @@ def load_checkpoint(path: str) -> dict:
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run starts from)."""
+    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run starts from), and a torn last
+    line: the checkpoint, not the log, says where the run is."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+        lines = f.readlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
+            if n == len(lines) and not line.endswith("\n"):  # torn: the run was killed while writing it
+                break
+            raise ValueError(f"{path}: line {n} is not a log record ({type(e).__name__}: {e}); delete that line "
+                             "to resume") from None
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")  # the next record starts on a line of its own
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) -> None:
@@ -206,9 +227,9 @@ def keep_best(model: PromptRIS, metrics: dict, state: TrainState, tc: TrainConfi
 
 
 def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | None:
-    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written at the
-    checkpoint's step (its validation follows the save) or after it (in the part of the run now replayed): then
-    the file's own record, so the record always describes the file. None when --keep-best now names another
+    """The best validation a resumed run has to beat: the checkpoint's, unless best.safetensors was written after the
+    checkpoint's step (in the part of the run now replayed) or at it (checkpoints written before train.py saved
+    after the step's validation): then the file's own record, so the record always describes the file. None when --keep-best now names another
     score (a none run also drops the file, which eval.py would otherwise take)."""
     path = os.path.join(tc.out, BEST_WEIGHTS)
     on_disk = read_best(path) if os.path.isfile(path) else None

@@ -1,6 +1,7 @@
-"""What train.py runs on, beside the method: the inputs a run checks before any work, numeric flag ranges, processes
-and devices (DDP under torchrun, autocast), the guards of a training step (out of memory, non-finite values, the
-mean over ranks) and the run log (train.log, log.jsonl, config.json, curves.png).
+"""What train.py runs on, beside the method: the inputs a run checks before any work, numeric flag ranges, the run
+folder (one run per folder, locked; temporary files of dead writers), processes and devices (DDP under torchrun,
+autocast), the guards of a training step (out of memory, non-finite values, SIGTERM and SIGINT, the mean over ranks)
+and the run log (train.log, log.jsonl, config.json, curves.png).
 
 Nothing here is in the paper; train.py imports it, never the reverse.
 """
@@ -9,10 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
+import re
 import resource
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
@@ -22,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import BEST_WEIGHTS, atomic_write
+from checkpoints import BEST_WEIGHTS, atomic_write, save_checkpoint
 from viz import draw_curves
 
 if TYPE_CHECKING:  # annotations only
@@ -92,6 +97,16 @@ def check_inputs(tc: TrainConfig) -> None:
                          f"token ids and would read byte-level ids it never learned; pass --vocab: {HOW_TO_GET['vocab']}")
 
 
+def refuse_changed_run_flags(config_path: str, saved: TrainConfig, given: TrainConfig, names: tuple) -> None:
+    """--resume: the flags `names` define the run (its images, step count, LR schedule, random draws); one given
+    now that differs from the run's config.json would continue another run from this one's position."""
+    changed = [f"--{n.replace('_', '-')} {getattr(given, n)} (saved {getattr(saved, n)})" for n in names
+               if getattr(given, n) != getattr(saved, n)]
+    if changed:
+        raise ValueError(f"--resume: {config_path} was saved with other flags that define the run: "
+                         f"{', '.join(changed)}; drop them to continue the run, or start a new run in another --out")
+
+
 @dataclass(frozen=True)
 class NumberRange:
     """argparse `type=` of a numeric flag: a value that is not a number, not finite or outside the range is a
@@ -120,6 +135,168 @@ class NumberRange:
         if value not in self:
             raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}")
         return value
+
+
+# ---- the run folder: one run at a time, never mixed with an earlier one ----
+
+LOCK = "train.lock"  # flock'ed by the run in the folder; the file stays, the lock dies with its holder
+RUN_FILES = ("config.json", "ckpt.pt", "model.safetensors", BEST_WEIGHTS, "metrics.json", "log.jsonl", "train.log",
+             "curves.png")
+_held_lock = None  # this process's locked LOCK file (one run at a time per process)
+
+
+def _forget_lock_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copy of the lock: a killed run's workers, which outlive it by
+    a few seconds, must not keep its folder locked (closing a copy does not unlock it for the parent)."""
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
+
+
+os.register_at_fork(after_in_child=_forget_lock_in_child)
+
+
+def open_run_folder(tc: TrainConfig, procs: Processes, demo_out: str) -> RunLog:
+    """The run log of --out once rank 0 (the only rank that writes there) holds the folder's lock, has removed the
+    temporary files of writers that died, and, for a fresh run, found the folder empty: else it refuses, or with
+    --overwrite deletes the earlier run's files; the demo's own folder `demo_out` keeps the earlier demo run in
+    previous-N/ instead, so `python train.py` runs twice."""
+    note = None
+    if procs.master:
+        os.makedirs(tc.out, exist_ok=True)
+        lock_run_folder(tc.out)
+        remove_stale_temporary_files(tc.out, locked=True)
+        if not tc.resume and tc.out == demo_out:
+            note = keep_earlier_run(tc.out)
+        elif not tc.resume and not tc.overwrite:
+            refuse_used_folder(tc.out)
+    log = RunLog(tc.out, procs.master, fresh=not tc.resume)  # fresh: --overwrite deletes the earlier run's files
+    if note:
+        log(note)
+    return log
+
+
+def lock_run_folder(out: str) -> None:
+    """An exclusive flock on out/train.lock for this process's lifetime: the OS releases it when the process dies,
+    so a killed run's folder can be resumed at once. The file holds the holder's pid, for the message."""
+    global _held_lock
+    if _held_lock is not None:  # an earlier train.main of this process raised (its traceback keeps the file open)
+        _held_lock.close()
+    f = open(os.path.join(out, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise BlockingIOError(f"--out {out}: train.py (pid {holder}) is running in this folder; wait for it to end or "
+                              "stop it (`kill PID` saves a checkpoint first), or choose another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_lock = f
+
+
+def release_run_folder() -> None:
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
+
+
+def refuse_used_folder(out: str) -> None:
+    found = sorted(name for name in os.listdir(out) if name != LOCK)
+    if found:
+        listed = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise FileExistsError(f"--out {out} is not empty ({listed}): continue its run with --resume, or pass "
+                              "--overwrite to delete the run's files first, or choose another --out")
+
+
+def keep_earlier_run(out: str) -> str | None:
+    """Move what an earlier run left in `out` (all but the lock and earlier previous-N folders) to out/previous-N."""
+    numbered = [int(m[1]) for name in os.listdir(out) if (m := re.fullmatch(r"previous-(\d+)", name))]
+    found = [name for name in os.listdir(out) if name != LOCK and not re.fullmatch(r"previous-\d+", name)]
+    if not found:
+        return None
+    folder = os.path.join(out, f"previous-{max(numbered, default=0) + 1}")
+    os.makedirs(folder)
+    for name in found:
+        os.replace(os.path.join(out, name), os.path.join(folder, name))
+    return f"the earlier demo run in {out} moved to {folder}"
+
+
+TEMPORARY = re.compile(r"\.tmp(\d+)$")  # checkpoints.atomic_write and write_then_rename: NAME.tmp<pid>
+
+
+def remove_stale_temporary_files(folder: str, locked: bool) -> None:
+    """The NAME.tmp<pid> files of writers that died before their rename (SIGKILL, power loss): all of them in a
+    folder whose lock we hold; elsewhere (the SAM cache, shared by runs) those whose pid is no live process here
+    and that nobody wrote to for a minute (a writer on another machine of a shared file system)."""
+    for entry in os.scandir(folder):
+        match = TEMPORARY.search(entry.name)
+        if match and (locked or (not pid_alive(int(match[1])) and time.time() - entry.stat().st_mtime > 60)):
+            with contextlib.suppress(FileNotFoundError):  # another rank removed it first
+                os.remove(entry.path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# ---- SIGTERM and SIGINT: a checkpoint at the next step boundary ----
+
+STOP_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, as a shell reports a killed process
+
+
+class StopRequest:
+    """The signal this process received (SIGTERM from a scheduler or torchrun, SIGINT from Ctrl-C), and whether
+    the ranks agreed to stop at this step (mean_over_ranks folds it into the step's all_reduce, so all stop at
+    the same step and the checkpoint's collective cannot hang). A second signal acts at once."""
+
+    def __init__(self):
+        self.received, self.agreed, self.previous = None, False, {}
+
+    def listen(self) -> None:
+        self.received, self.agreed = None, False
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            self.previous = {s: signal.signal(s, self.note) for s in STOP_EXIT_CODES}
+
+    def note(self, signum, frame) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+STOP = StopRequest()
+
+
+def stop_if_signalled(model: PromptRIS, optimizer, state: TrainState, procs: Processes, tc: TrainConfig,
+                      log: RunLog) -> None:
+    """After the step's validation: when the ranks agreed on a signal, ckpt.pt of this step, then exit 143
+    (SIGTERM) or 130 (SIGINT; a rank stopped by another rank's signal exits 143)."""
+    if not STOP.agreed:
+        return
+    if state.last_saved != state.step:
+        save_checkpoint(tc.out, model, optimizer, state, procs, tc)
+    name = signal.Signals(STOP.received or signal.SIGTERM).name
+    log(f"stopped by {name} at step {state.step}: {os.path.join(tc.out, 'ckpt.pt')} saved; continue with "
+        f"`python train.py --resume --out {tc.out}`")
+    code = STOP_EXIT_CODES[STOP.received or signal.SIGTERM]
+    shutdown(procs)
+    raise SystemExit(code)
 
 
 @dataclass
@@ -225,6 +402,8 @@ def shutdown(procs: Processes) -> None:
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
+    STOP.restore()
+    release_run_folder()
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -282,12 +461,16 @@ def out_of_memory_message(state: TrainState, micro_batches: list[dict], tc: Trai
 
 
 def mean_over_ranks(terms: dict, procs: Processes) -> dict:
-    """{name: float} of the loss terms, averaged over the DDP ranks in one all_reduce."""
+    """{name: float} of the loss terms, averaged over the DDP ranks in one all_reduce, which also carries whether
+    a rank received SIGTERM or SIGINT (STOP.agreed: every rank then stops after this step)."""
     values = torch.stack([v.detach().float() for v in terms.values()])
+    values = torch.cat([values, values.new_tensor([STOP.received is not None])])
     if procs.ddp:
         dist.all_reduce(values)  # sum (gloo has no average)
         values /= procs.world
-    return dict(zip(terms, values.tolist()))
+    *means, signalled = values.tolist()
+    STOP.agreed = signalled > 0
+    return dict(zip(terms, means))
 
 
 def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
@@ -295,9 +478,11 @@ def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
+        path = os.path.join(tc.out, "ckpt.pt")
+        kept = (f"last good checkpoint kept at {path} (step {state.last_saved})" if os.path.isfile(path)
+                else "no checkpoint was saved yet")
         raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
-                                 f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} "
-                                 f"(step {state.last_saved})")
+                                 f"{kept}")
 
 
 def gather_metrics(metrics, procs: Processes):
@@ -315,9 +500,10 @@ class RunLog:
         self.started = self.t_log = time.time()
         self.run_config: dict = {}  # config.json
         self.images_since_log, self.wait_since_log = 0, 0.0
+        self.skipped: list[str] = []  # training images skipped (--skip-bad-images) in this epoch, this rank
         os.makedirs(out, exist_ok=True)
-        if master and fresh:  # a fresh run in an old directory starts fresh logs
-            for name in ("train.log", "log.jsonl", "metrics.json", "curves.png", BEST_WEIGHTS):
+        if master and fresh:  # nothing of an earlier run stays beside a fresh one (train.py: --overwrite)
+            for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
 
@@ -384,6 +570,25 @@ class RunLog:
             self.t_log, self.images_since_log, self.wait_since_log = now, 0, 0.0
 
 
+    def skipped_images(self, micro_batches: list[dict], state: TrainState, tc: TrainConfig, procs: Processes) -> None:
+        """--skip-bad-images: the training images this step's batches skipped (data.RefTrainSet), counted over every
+        rank and written to train.log and log.jsonl when the step ends an epoch."""
+        if not tc.skip_bad_images:
+            return
+        self.skipped += [path for batch in micro_batches for path in batch["skipped_images"]]
+        if state.batch_in_epoch:  # the epoch goes on
+            return
+        ranks = [self.skipped]
+        if procs.ddp:  # once per epoch, on every rank at the same step
+            ranks = [None] * procs.world
+            dist.all_gather_object(ranks, self.skipped)
+        paths = [path for rank in ranks for path in rank]
+        self(f"epoch {state.epoch - 1}: {len(paths)} training images skipped (--skip-bad-images)"
+             + (f": {', '.join(paths)}" if paths else ""))
+        self.json({"step": state.step, "epoch": state.epoch - 1, "skipped_images": paths})
+        self.skipped = []
+
+
 def significant(x: float, digits: int = 2) -> str:
     """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
     return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
@@ -422,3 +627,5 @@ def read_json(path: str, why: str) -> dict:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: not valid JSON (nested too deeply to read)") from None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from checkpoints import write_then_rename
+from runtime import remove_stale_temporary_files
 
 if TYPE_CHECKING:  # annotations only
     from prompt_ris import PromptRIS
@@ -42,6 +43,7 @@ def sam_cache_dir(tc: TrainConfig, model: PromptRIS, train_towers: bool, amp_dty
         return None
     folder = os.path.join(tc.cache_sam, sam_weights_hash(model, amp_dtype, tc.data_root or ""))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temporary_files(folder, locked=False)  # other runs may be writing here
     c, (h, w) = model.config.sam.prompt_dim, model.sam.prompt_encoder.image_embedding_size
     per_image = c * h * w * (amp_dtype or torch.float32).itemsize  # stored as the encoder gives it
     cached = sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".pt"))

@@ -50,9 +50,10 @@ from eval import evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
-from runtime import (OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, build_parser, check_inputs,
-                     dataset_specs, gather_metrics, loader_workers, mean_over_ranks, out_of_memory_message, peak_memory_mb,
-                     read_json, reset_peak_memory, setup_processes, shutdown, stop_if_not_finite, wrap_model)
+from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, build_parser,
+                     check_inputs, dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
+                     out_of_memory_message, peak_memory_mb, read_json, refuse_changed_run_flags, reset_peak_memory,
+                     setup_processes, shutdown, stop_if_not_finite, stop_if_signalled, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +147,11 @@ class TrainConfig:
     threads: int = knob(0, "CPU threads for PyTorch (0 = its default); the demo's tiny tensors gain nothing "
                         "from a second thread, which only spins and slows down on a busy machine", min=0)
     resume: bool = knob(False, "continue the run in --out from ckpt.pt (weights, optimizer, step, sampler "
-                        "position, RNG states); flags not given are taken from its config.json")
+                        "position, RNG states); flags not given are taken from its config.json, and one that "
+                        "defines the run (RUN_DEFINING_FLAGS) may not differ from it")
+    overwrite: bool = knob(False, "start a fresh run in an --out that holds an earlier run, deleting that run's "
+                           "files first (without it such an --out is refused; the demo's own runs/demo keeps the "
+                           "earlier run in runs/demo/previous-N instead)")
     max_steps: int = knob(0, "stop after this global step (0 = run all epochs); the LR schedule still "
                           "spans all epochs, so a stopped run resumes exactly", min=0)
     save_every: int = knob(1000, "write ckpt.pt every N steps (and at the end)", min=1)
@@ -168,7 +173,24 @@ def demo_preset() -> TrainConfig:
 PRESETS = {"paper": TrainConfig(config="paper"), "demo": demo_preset()}
 
 
-PER_RUN_FLAGS = ("resume", "max_steps")  # never taken over from a resumed run's config.json
+PER_RUN_FLAGS = ("resume", "overwrite", "max_steps")  # never taken over from a resumed run's config.json
+
+# --resume: the flags that define a run (the images it trains on, its step count and LR schedule, its model, loss
+# and random draws) may not change; parse_args compares them with config.json, and checkpoints.restore the model's
+# (MODEL_FLAGS) with ckpt.pt's model config. The free ones change where and how fast it runs, what it logs, saves
+# and validates, or where its inputs are (the checkpoint holds every weight; the data and weights may move)
+MODEL_FLAGS = ("config", "clip_size", "sam_size", "n_prompts", "cmp", "prompts", "use_sam", "prompt_dropout",
+               "gumbel_tau")
+RUN_DEFINING_FLAGS = MODEL_FLAGS + (
+    "datasets", "hold_out_other_partition", "val_dataset",  # the validation set's images are held out of training
+    "seen_only", "icl", "train_towers", "images_per_batch", "sentences_per_image", "epochs", "stage1_epochs", "lr",
+    "lr_power", "warmup_steps", "weight_decay", "grad_clip", "seed",
+    "dtype")  # bfloat16 autocast computes every step differently, not only in another order
+FREE_FLAGS = (
+    "out", "clip_weights", "sam_weights", "vocab", "data_root", "val_split", "val_images", "keep_best",
+    "skip_bad_images",  # what a run without it would have done: stop at the bad image
+    "device", "micro_batch", "grad_checkpoint", "compile", "cache_sam",  # the same training up to float rounding
+    "num_workers", "threads", "resume", "overwrite", "max_steps", "save_every", "eval_every", "log_every")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -186,16 +208,19 @@ def parse_args(argv=None) -> TrainConfig:
     preset = known.config or "auto"
     if preset == "auto":
         preset = "paper" if (known.clip_weights or known.sam_weights or known.data_root) else "demo"
-    defaults = PRESETS[preset]
+    defaults = saved = PRESETS[preset]
     if known.resume:
-        out = known.out or defaults.out
-        saved = read_json(os.path.join(out, "config.json"), "--resume needs the run's config.json")
-        unknown = sorted(set(saved.get("train", {})) - {f.name for f in fields(TrainConfig)})
-        if unknown or "train" not in saved:
-            raise ValueError(f"{os.path.join(out, 'config.json')}: no 'train' entry or unknown keys {unknown}")
-        defaults = replace(TrainConfig(**saved["train"]), **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
+        config_path = os.path.join(known.out or defaults.out, "config.json")
+        run_config = read_json(config_path, "--resume needs the run's config.json")
+        unknown = sorted(set(run_config.get("train", {})) - {f.name for f in fields(TrainConfig)})
+        if unknown or "train" not in run_config:
+            raise ValueError(f"{config_path}: no 'train' entry or unknown keys {unknown}")
+        saved = TrainConfig(**run_config["train"])
+        defaults = replace(saved, **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
     parser = build_parser(defaults, PRESETS, __doc__)
     tc = TrainConfig(**vars(parser.parse_args(argv)))
+    if known.resume:  # the model's flags are compared with ckpt.pt's model config (restore)
+        refuse_changed_run_flags(config_path, saved, tc, tuple(n for n in RUN_DEFINING_FLAGS if n not in MODEL_FLAGS))
     conflict = flag_conflict(tc)
     if conflict:
         parser.error(conflict)
@@ -205,6 +230,8 @@ def parse_args(argv=None) -> TrainConfig:
 def flag_conflict(tc: TrainConfig) -> str | None:
     """What flags contradict each other, checked before any work (divisibility of --images-per-batch by the
     number of processes is checked when they start)."""
+    if tc.resume and tc.overwrite:
+        return "--resume continues the run in --out, --overwrite deletes it: pass one of them"
     if tc.use_sam and tc.stage1_epochs > tc.epochs:
         return (f"--stage1-epochs {tc.stage1_epochs} > --epochs {tc.epochs}: stage 2 (§4.2) would never run; "
                 f"--stage1-epochs {tc.epochs} trains stage 1 only, --no-use-sam the coarse mask alone")
@@ -280,8 +307,9 @@ def main(argv=None) -> dict:
     check_inputs(tc)
     procs = setup_processes(tc)  # one process per GPU under torchrun, else one
     amp_dtype = autocast_dtype(tc, procs.device)
+    log = open_run_folder(tc, procs, demo_out=PRESETS["demo"].out)  # locked; a fresh run never mixes with an old one
     ckpt = load_checkpoint(os.path.join(tc.out, "ckpt.pt")) if tc.resume else None  # validated before any work
-    log = RunLog(tc.out, procs.master, fresh=not tc.resume)
+    STOP.listen()  # SIGTERM / SIGINT: a checkpoint at the next step boundary (stop_if_signalled), then exit
 
     # -- model (§3): what Prompt-RIS adds trains; CLIP and SAM stay frozen (§4.2) --
     seed_everything(tc.seed)  # the same initial weights on every rank
@@ -336,8 +364,7 @@ def main(argv=None) -> dict:
                                 sam_cache, train_towers, state)
             state.advance(schedule.steps_per_epoch)
             log.step(pbar, state, values, lr, stage, time.time() - t_step, t_step - t_ready, tc, schedule)
-            if state.step % tc.save_every == 0:
-                save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
+            log.skipped_images(micro_batches, state, tc, procs)  # --skip-bad-images: counted at each epoch's end
             if tc.eval_every and state.step % tc.eval_every == 0:
                 metrics = validate(raw_model, periodic_val, stage, tc, procs, amp_dtype)
                 log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} "
@@ -346,6 +373,10 @@ def main(argv=None) -> dict:
                 log.curves()
                 if stage == schedule.final_stage:  # in stage 1 the score is the coarse mask's, not the output's
                     keep_best(raw_model, metrics, state, tc, log)
+            # saved after the step's validation: a resume from this checkpoint never skips one (nor its best)
+            if state.step % tc.save_every == 0:
+                save_checkpoint(tc.out, raw_model, optimizer, state, procs, tc)
+            stop_if_signalled(raw_model, optimizer, state, procs, tc, log)
             if state.step >= schedule.max_steps:
                 break
             t_ready = time.time()  # from here until the next batch arrives the step waits for data

@@ -130,7 +130,7 @@ def render_panel(image: Image.Image, mask: np.ndarray, coarse_prob: np.ndarray, 
 
 CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                  (140, 86, 75), (227, 119, 194), (23, 190, 207))
-_NOT_CURVES = ("step", "epoch", "stage", "lr", "images_per_s", "elapsed_s")  # log.jsonl keys that are no loss
+_NOT_CURVES = ("step", "epoch", "stage", "lr", "images_per_s", "elapsed_s", "skipped_images")  # log.jsonl keys that are no loss
 
 
 def read_curves(log_jsonl) -> dict[str, list[tuple[int, float]]]:

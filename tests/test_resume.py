@@ -5,12 +5,16 @@ before an update that would corrupt it (non-finite loss or gradient, out of memo
 The same micro runs as test_train.py (tests/helpers.py: micro_args).
 """
 import contextlib
+import errno
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -62,6 +66,10 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run_bitwise(micro_root, t
                 break
             time.sleep(0.05)
         assert proc.is_alive(), "the run ended before it could be killed"
+        # a second process on the same folder is refused while the first runs, naming it
+        with pytest.raises(BlockingIOError, match=rf"--out {killed}: train.py \(pid {proc.pid}\) is running in "
+                                                  r"this folder"):
+            train.main([*args, "--resume", "--max-steps", "1"])
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -70,14 +78,91 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run_bitwise(micro_root, t
     resumed_from = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
     assert resumed_from >= 2
     n = resumed_from + 2
-    train.main(micro_args(micro_root, killed, "--epochs", "100", "--save-every", "1", "--max-steps", str(n),
-                          "--resume"))
+    train.main(micro_args(micro_root, killed, "--epochs", "100", "--save-every", "1", "--eval-every", "1",
+                          "--max-steps", str(n), "--resume"))
     # the uninterrupted run saves only at its end: a checkpoint reads the random state, never advances it
-    train.main(micro_args(micro_root, tmp_path / "straight", "--epochs", "100", "--max-steps", str(n)))
-    weights_a, moments_a, _ = saved_state(tmp_path / "straight")
-    weights_b, moments_b, _ = saved_state(killed)
+    train.main(micro_args(micro_root, tmp_path / "straight", "--epochs", "100", "--eval-every", "1",
+                          "--max-steps", str(n)))
+    assert_same_run_files(tmp_path / "straight", killed)
+
+
+TIMINGS = ("s_per_expression", "s_per_expression_no_reuse", "reuse_speedup", "sam_encoder_s_per_image")  # Timing's
+
+
+def metric_values(out):
+    """metrics.json without the validation timings."""
+    record = json.load(open(out / "metrics.json"))
+    for metrics in (record, record["untrained"]):
+        for key in TIMINGS:
+            metrics.pop(key, None)
+    return record
+
+
+def assert_same_run_files(a, b):
+    """Weights, optimizer moments, best weights and metric values of two runs: bitwise the same."""
+    weights_a, moments_a, _ = saved_state(a)
+    weights_b, moments_b, _ = saved_state(b)
     assert_bitwise_equal(weights_a, weights_b)
     assert_bitwise_equal(moments_a, moments_b)
+    assert (a / "best.safetensors").read_bytes() == (b / "best.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert metric_values(a) == metric_values(b)
+
+
+def _fork(target, *args):
+    # a forked process: it starts with this one's imports (a new interpreter would spend ~4 s importing them)
+    proc = mp.get_context("fork").Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def caller_step() -> int:
+    """The step of the TrainState of the nearest calling frame that has one (train.main, final_evaluation)."""
+    frame = inspect.currentframe()
+    while not isinstance(frame.f_locals.get("state"), checkpoints.TrainState):
+        frame = frame.f_back
+    return frame.f_locals["state"].step
+
+
+STEP_SCORES = {0: 0.0, 1: 10.0, 2: 50.0, 3: 20.0, 4: 30.0}  # the best validation is step 2's
+
+
+def score_by_step(monkeypatch):
+    """train.validate scores by the step it validates (STEP_SCORES): the same whatever order a resume brings."""
+    def validate(*args, **kwargs):
+        score = STEP_SCORES[caller_step()]
+        return {"output": "mask", "oIoU": score, "mIoU": 100.0 - score, "n": 8} | {
+            f"P@{x}": 0.0 for x in (0.5, 0.6, 0.7, 0.8, 0.9)}
+
+    monkeypatch.setattr(train, "validate", validate)
+
+
+def _killed_in_validation(args, step):
+    validate = train.validate
+
+    def killed_at_step(*a, **k):
+        if caller_step() == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return validate(*a, **k)
+
+    train.validate = killed_at_step
+    _train_quietly(args)
+
+
+def test_sigkill_between_a_save_and_the_validation_of_its_step_keeps_the_best_of_an_uninterrupted_run(
+        micro_root, tmp_path, monkeypatch):
+    # --save-every = --eval-every: a kill in step 2's validation. Saved before it, the checkpoint of step 2 would
+    # skip that validation on resume, and its best (step 2's) would be lost
+    score_by_step(monkeypatch)
+    common = ["--stage1-epochs", "0", "--save-every", "1", "--eval-every", "1", "--max-steps", "4"]
+    killed = tmp_path / "killed"
+    proc = _fork(_killed_in_validation, micro_args(micro_root, killed, *common), 2)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    train.main(micro_args(micro_root, killed, *common, "--resume"))
+    train.main(micro_args(micro_root, tmp_path / "straight", *common))
+    assert json.load(open(killed / "metrics.json"))["best"]["step"] == 2
+    assert_same_run_files(tmp_path / "straight", killed)
 
 
 def test_resume_with_another_model_config_is_refused(micro_root, one_step_run, tmp_path):
@@ -151,7 +236,7 @@ def test_keep_best_follows_the_chosen_score_and_keeps_the_earlier_of_a_tie(tmp_p
 
 
 def test_resume_keeps_the_best_score(micro_root, tmp_path, monkeypatch):
-    # all in stage 2; ckpt.pt of step 3 (saved before step 3's validation) holds the best of step 2
+    # all in stage 2; ckpt.pt of step 3 (saved after step 3's validation, which scores below) holds the best of step 2
     common = ["--stage1-epochs", "0", "--eval-every", "1", "--save-every", "3"]
     scripted_validation(monkeypatch, [0.0, 10.0, 30.0, 20.0, 20.0], [])
     out, old = tmp_path / "run", tmp_path / "old"
@@ -353,3 +438,145 @@ def test_clip_weights_without_a_bpe_vocabulary_are_refused_before_any_work(tmp_p
                                          r"`python load_weights.py download vocab`"):
         train.main(args)
     assert not out.exists()
+
+
+# ---- the run folder: flags that define a run, one run per folder, signals, torn and failed writes ----
+
+
+def test_every_knob_is_either_run_defining_or_free_on_resume():
+    names = [f.name for f in fields(train.TrainConfig)]
+    assert sorted(train.RUN_DEFINING_FLAGS + train.FREE_FLAGS) == sorted(names)
+    assert set(train.PER_RUN_FLAGS) <= set(train.FREE_FLAGS)
+
+
+def test_resume_refuses_a_changed_flag_that_defines_the_run_naming_saved_and_given(micro_root, one_step_run):
+    config = one_step_run / "config.json"
+    for flags, named in ((["--images-per-batch", "8"], "--images-per-batch 8 (saved 4)"),  # a shorter epoch
+                         (["--images-per-batch", "2"], "--images-per-batch 2 (saved 4)"),  # images would repeat
+                         (["--seed", "1", "--epochs", "5"], "--epochs 5 (saved 4), --seed 1 (saved 0)"),
+                         (["--datasets", "refcoco"], "--datasets refcoco (saved synth)")):
+        with pytest.raises(ValueError, match=rf"^--resume: {config} was saved with other flags that define the "
+                                             rf"run: {re.escape(named)}; "):
+            train.parse_args(micro_args(micro_root, one_step_run, "--resume", *flags))
+    free = ["--num-workers", "2", "--log-every", "5", "--eval-every", "3", "--max-steps", "9", "--save-every", "7",
+            "--threads", "2", "--device", "cpu", "--micro-batch", "2", "--keep-best", "mIoU"]
+    assert train.parse_args(micro_args(micro_root, one_step_run, "--resume", *free)).max_steps == 9
+
+
+def test_a_fresh_run_into_a_used_out_is_refused_unless_overwrite(micro_root, one_step_run, tmp_path):
+    out = copy_run(one_step_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
+    with pytest.raises(FileExistsError, match=rf"^--out {out} is not empty \(.*ckpt\.pt.*\): continue its run "
+                                              r"with --resume, or pass --overwrite to delete the run's files first"):
+        train.main(micro_args(micro_root, out, "--max-steps", "1"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"} == before
+    train.main(micro_args(micro_root, out, "--max-steps", "1", "--overwrite", "--keep-best", "none"))
+    assert not (out / "best.safetensors").exists()  # the earlier run's best is not left beside the new run
+    assert json.load(open(out / "config.json"))["train"]["keep_best"] == "none"
+
+
+def test_the_demo_run_twice_keeps_the_earlier_run_in_a_numbered_folder(micro_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo's run folder is runs/demo, where `python eval.py` looks
+    args = micro_args(micro_root, "unused", "--max-steps", "1")
+    del args[args.index("--out"):args.index("--out") + 2]  # as `python train.py`: no --out
+    train.main(args)
+    demo = tmp_path / "runs" / "demo"
+    first = {p.name: p.read_bytes() for p in demo.iterdir() if p.name != "train.lock"}
+    train.main(args)
+    assert {p.name: p.read_bytes() for p in (demo / "previous-1").iterdir()} == first
+    assert "the earlier demo run in runs/demo moved to runs/demo/previous-1" in (demo / "train.log").read_text()
+    assert (demo / "model.safetensors").exists() and (demo / "previous-1" / "ckpt.pt").exists()
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_143(micro_root, tmp_path):
+    out = tmp_path / "run"
+    proc = _fork(_train_quietly, micro_args(micro_root, out, "--epochs", "100", "--save-every", "1000"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").exists() and
+                                              len((out / "log.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(120)
+    finally:
+        proc.kill()
+    assert proc.exitcode == 143
+    steps = [r["step"] for r in read_log(out) if "loss" in r]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == steps[-1] >= 2
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
+    assert (f"stopped by SIGTERM at step {steps[-1]}: {out / 'ckpt.pt'} saved; continue with `python train.py "
+            f"--resume --out {out}`") in (out / "train.log").read_text()
+
+
+def test_temporary_files_of_dead_writers_are_removed_at_the_next_start(micro_root, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = micro_args(micro_root, out, "--no-train-towers", "--stage1-epochs", "0", "--cache-sam", str(cache))
+    train.main([*common, "--max-steps", "1"])
+    (folder,) = cache.iterdir()
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # its pid is no process's now
+    stale = [out / f"ckpt.pt.tmp{writer.pid}", folder / f"3.pt.tmp{writer.pid}"]
+    alive = folder / f"4.pt.tmp{os.getpid()}"  # another run sharing the cache, still writing
+    for path in [*stale, alive]:
+        path.write_bytes(b"half a file")
+        os.utime(path, (0, 0))
+    train.main([*common, "--max-steps", "2", "--resume"])
+    assert not any(path.exists() for path in stale) and alive.exists()
+
+
+def test_a_torn_last_line_of_log_jsonl_is_dropped_on_resume(micro_root, one_step_run, tmp_path):
+    out = copy_run(one_step_run, tmp_path)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 0.4')  # killed in the middle of the write
+    train.main(micro_args(micro_root, out, "--resume", "--max-steps", "2"))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["not json", "[" * 100_000])  # deeply nested JSON: a RecursionError
+def test_a_bad_line_inside_log_jsonl_or_a_bad_config_json_names_the_file(micro_root, one_step_run, tmp_path, bad):
+    out = copy_run(one_step_run, tmp_path)
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    (out / "log.jsonl").write_text(bad + "\n" + "".join(lines))
+    with pytest.raises(ValueError, match=rf"^{out / 'log.jsonl'}: line 1 is not a log record"):
+        train.main(micro_args(micro_root, out, "--resume"))
+    (out / "config.json").write_text(bad)
+    with pytest.raises(ValueError, match=rf"^{out / 'config.json'}: not valid JSON"):
+        train.main(micro_args(micro_root, out, "--resume"))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter "
+                                                "failed writing file data/3: file write failed"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_a_full_disk_names_the_checkpoint_and_the_step_and_keeps_the_last_good_one(micro_root, tmp_path,
+                                                                                    monkeypatch, error):
+    real_save, saves = torch.save, []
+
+    def disk_full_at_second_save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"the first bytes")
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_second_save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match=rf"^step 2: could not write {out / 'ckpt.pt'} \(.*\); disk full\? The "
+                                      r"step 1 checkpoint is kept"):
+        train.main(micro_args(micro_root, out, "--save-every", "1"))
+    monkeypatch.undo()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_saved(micro_root, tmp_path, monkeypatch):
+    def nan_loss(*args, **kwargs):
+        terms = real_total_loss(*args, **kwargs)
+        nan_term(terms)
+        return terms
+
+    real_total_loss = train.total_loss
+    monkeypatch.setattr(train, "total_loss", nan_loss)
+    with pytest.raises(FloatingPointError) as error:
+        train.main(micro_args(micro_root, tmp_path / "run"))
+    assert str(error.value) == ("step 1: loss term 'clip_seg' is nan; stopped before the update, no checkpoint was "
+                                "saved yet")

@@ -246,7 +246,8 @@ def test_gref_training_holds_out_the_eval_images_of_the_other_partition(tmp_path
     root = str(tmp_path / "refer")
     write_tree(root, umd, instances, dataset="refcocog", split_by="umd")
     args = ["--config", "demo", "--data-root", root, "--datasets", "refcocog", "--val-dataset", "refcocog",
-            "--out", str(tmp_path / "run"), "--images-per-batch", "16"]  # no full batch: the error gives the count
+            "--out", str(tmp_path / "run"), "--images-per-batch", "16",  # no full batch: the error gives the count
+            "--overwrite"]  # the second start goes into the first's folder
     with pytest.raises(ValueError, match="^2 training images give no full batch"):
         train.main(args)
     write_tree(root, google, instances, dataset="refcocog", split_by="google")
@@ -461,7 +462,7 @@ def test_sam_cache_is_keyed_by_the_sam_weights(micro_root, tmp_path):
     cache = tmp_path / "cache"
     for seed in (0, 1, 0):
         train.main(micro_args(micro_root, tmp_path / f"run{seed}", "--no-train-towers", "--stage1-epochs", "0",
-                              "--max-steps", "1", "--cache-sam", str(cache), "--seed", str(seed)))
+                              "--max-steps", "1", "--cache-sam", str(cache), "--seed", str(seed), "--overwrite"))
     assert len(os.listdir(cache)) == 2
 
 
@@ -549,3 +550,20 @@ def test_skip_bad_images_flag_reaches_the_training_set_and_evaluation_never_skip
         train_set, val_set, _ = train.build_data(train.parse_args(micro_args(micro_root, "unused", *flags)),
                                                  train.Tokenizer(None), master=True)
         assert train_set.skip_bad_images is skips and not hasattr(val_set, "skip_bad_images")
+
+
+def test_skipped_training_images_are_counted_at_each_epoch_end(micro_root, tmp_path, monkeypatch):
+    read_image = data.RefTrainSet.read_image
+
+    def image_3_is_broken(self, i):
+        if i == 3:
+            raise OSError(f"cannot open image {self.data.images[self.image_ids[i]]['path']}")
+        return read_image(self, i)
+
+    monkeypatch.setattr(data.RefTrainSet, "read_image", image_3_is_broken)
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--skip-bad-images", "--max-steps", "2"))  # epoch 0: steps 1 and 2
+    train_set, _, _ = train.build_data(train.parse_args(micro_args(micro_root, out)), train.Tokenizer(None), True)
+    path = train_set.data.images[train_set.image_ids[3]]["path"]
+    assert f"epoch 0: 1 training images skipped (--skip-bad-images): {path}" in (out / "train.log").read_text()
+    assert {"step": 2, "epoch": 0, "skipped_images": [path]} in read_log(out)
