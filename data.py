@@ -322,6 +322,28 @@ def hold_out_counts(data: RefData, sources: Sequence[tuple[str, Collection[int]]
             "kept": {"images": len({r["image_id"] for r in kept}), "refs": len(kept)}}
 
 
+def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_partitions: bool) -> dict:
+    """{"name:split_by": hold_out_counts} per training set: its train images and refs, those removed per
+    reason (an image counts under its first reason, so G-Ref's other partition, last, shows what holding it out
+    costs), those kept; with --no-hold-out-other-partition, "not_held_out": what it trains on of that partition."""
+    label = ":".join
+    eval_ids = {spec: eval_image_ids(d) for spec, d in (loaded | partitions).items()}
+    other_partitions = [(f"G-Ref {split_by} val/test", eval_ids[(name, split_by)]) for name, split_by in partitions]
+    report = {}
+    for spec in dict.fromkeys(specs):
+        sources = [("val/test of the same dataset", eval_ids[spec])]
+        if val_spec != spec:
+            sources.append((f"val/test of {label(val_spec)}, the validation set", eval_ids[val_spec]))
+        sources += [(f"val/test of {label(o)}, another training set", eval_ids[o])
+                    for o in dict.fromkeys(specs) if o not in (spec, val_spec)]
+        counts = hold_out_counts(loaded[spec], sources + other_partitions if hold_out_partitions else sources)
+        if not hold_out_partitions and other_partitions:
+            removed = hold_out_counts(loaded[spec], sources + other_partitions)["removed"]
+            counts["not_held_out"] = {reason: removed[reason] for reason, _ in other_partitions}
+        report[label(spec)] = counts
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Datasets and the batch dict (§3.3 instance contrastive sampling)
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ import math
 import os
 import re
 import resource
+import sys
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -95,6 +96,39 @@ def check_inputs(tc: TrainConfig) -> None:
     if tc.clip_weights is not None and tc.vocab is None:  # the byte-level fallback is for random CLIP towers only
         raise ValueError(f"--clip-weights {tc.clip_weights} without --vocab: CLIP's text tower was trained on BPE "
                          f"token ids and would read byte-level ids it never learned; pass --vocab: {HOW_TO_GET['vocab']}")
+
+
+def parse_config(cls, presets: dict, argv, doc: str, per_run_flags: tuple, conflict, compared: tuple):
+    """The config dataclass `cls` from the command line: a preset of `presets` (--config; auto: "paper" when weights
+    or a data root are given, else "demo"), then every flag on top of it. With --resume the run's config.json is
+    the base instead (its `per_run_flags` reset), and the flags `compared` may not differ from it.
+    conflict(config) -> a usage error or None."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = argparse.ArgumentParser(add_help=False)
+    for name in ("--config", "--clip-weights", "--sam-weights", "--data-root", "--out"):
+        early.add_argument(name)
+    early.add_argument("--resume", action="store_true")
+    known, _ = early.parse_known_args(argv)
+    preset = known.config or "auto"
+    if preset == "auto":
+        preset = "paper" if (known.clip_weights or known.sam_weights or known.data_root) else "demo"
+    defaults = saved = presets[preset]
+    if known.resume:
+        config_path = os.path.join(known.out or defaults.out, "config.json")
+        run_config = read_json(config_path, "--resume needs the run's config.json")
+        unknown = sorted(set(run_config.get("train", {})) - {f.name for f in fields(cls)})
+        if unknown or "train" not in run_config:
+            raise ValueError(f"{config_path}: no 'train' entry or unknown keys {unknown}")
+        saved = cls(**run_config["train"])
+        defaults = replace(saved, **{k: getattr(cls(), k) for k in per_run_flags})
+    parser = build_parser(defaults, presets, doc)
+    tc = cls(**vars(parser.parse_args(argv)))
+    if known.resume:
+        refuse_changed_run_flags(config_path, saved, tc, compared)
+    error = conflict(tc)
+    if error:
+        parser.error(error)
+    return tc if tc.config != "auto" else replace(tc, config=preset)
 
 
 def refuse_changed_run_flags(config_path: str, saved: TrainConfig, given: TrainConfig, names: tuple) -> None:

@@ -26,14 +26,13 @@ choice and word masking by (seed, epoch, index) in data.RefTrainSet, Gumbel nois
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -50,10 +49,10 @@ from eval import evaluate
 from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
-from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, build_parser,
-                     check_inputs, dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
-                     out_of_memory_message, peak_memory_mb, read_json, refuse_changed_run_flags, reset_peak_memory,
-                     setup_processes, shutdown, stop_if_not_finite, stop_if_signalled, wrap_model)
+from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs,
+                     dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
+                     out_of_memory_message, parse_config, peak_memory_mb, reset_peak_memory, setup_processes, shutdown,
+                     stop_if_not_finite, stop_if_signalled, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
 
 # ---------------------------------------------------------------------------------------------
@@ -194,37 +193,12 @@ FREE_FLAGS = (
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """Preset first (--config, or auto from the inputs given), then every flag on top of it.
-
-    With --resume the saved config.json of --out is the base instead, so `--resume --out DIR` alone
-    continues a run with its own settings (flags given now still win).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    early = argparse.ArgumentParser(add_help=False)
-    for name in ("--config", "--clip-weights", "--sam-weights", "--data-root", "--out"):
-        early.add_argument(name)
-    early.add_argument("--resume", action="store_true")
-    known, _ = early.parse_known_args(argv)
-    preset = known.config or "auto"
-    if preset == "auto":
-        preset = "paper" if (known.clip_weights or known.sam_weights or known.data_root) else "demo"
-    defaults = saved = PRESETS[preset]
-    if known.resume:
-        config_path = os.path.join(known.out or defaults.out, "config.json")
-        run_config = read_json(config_path, "--resume needs the run's config.json")
-        unknown = sorted(set(run_config.get("train", {})) - {f.name for f in fields(TrainConfig)})
-        if unknown or "train" not in run_config:
-            raise ValueError(f"{config_path}: no 'train' entry or unknown keys {unknown}")
-        saved = TrainConfig(**run_config["train"])
-        defaults = replace(saved, **{k: getattr(TrainConfig(), k) for k in PER_RUN_FLAGS})
-    parser = build_parser(defaults, PRESETS, __doc__)
-    tc = TrainConfig(**vars(parser.parse_args(argv)))
-    if known.resume:  # the model's flags are compared with ckpt.pt's model config (restore)
-        refuse_changed_run_flags(config_path, saved, tc, tuple(n for n in RUN_DEFINING_FLAGS if n not in MODEL_FLAGS))
-    conflict = flag_conflict(tc)
-    if conflict:
-        parser.error(conflict)
-    return tc if tc.config != "auto" else replace(tc, config=preset)
+    """The preset (--config; auto: paper when weights or a data root are given, else demo), then every flag on top
+    of it. With --resume the run's saved config.json is the base instead, so `--resume --out DIR` alone continues a
+    run with its own settings; a flag given now that defines the run may not differ from it (the model's flags are
+    compared with ckpt.pt's model config by checkpoints.restore)."""
+    return parse_config(TrainConfig, PRESETS, argv, __doc__, PER_RUN_FLAGS, flag_conflict,
+                        compared=tuple(n for n in RUN_DEFINING_FLAGS if n not in MODEL_FLAGS))
 
 
 def flag_conflict(tc: TrainConfig) -> str | None:
@@ -421,7 +395,7 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
 
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype: torch.dtype = torch.float32):
     """(train set, val set, hold-out report) from the refer-API layout; the demo's built-in data is written first.
-    The report (hold_out_report) says how many images and refs each training set lost to the hold-out, and why.
+    The report (data.hold_out_report) says how many images and refs each training set lost to the hold-out, and why.
     image_dtype: of the pixels the sets give (bfloat16 under bf16 autocast: exact, half the bytes)."""
     specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
     if all(name == "synth" for name, _ in specs + [val_spec]):
@@ -444,29 +418,7 @@ def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype:
                                  image_dtype=image_dtype, skip_bad_images=tc.skip_bad_images)
     val_set = data.RefEvalSet(loaded[val_spec], tc.val_split, tokenizer, clip_size=tc.clip_size,
                               sam_size=tc.sam_size, image_dtype=image_dtype)
-    return train_set, val_set, hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)
-
-
-def hold_out_report(specs, val_spec, loaded: dict, partitions: dict, hold_out_partitions: bool) -> dict:
-    """{"name:split_by": data.hold_out_counts} per training set: its train images and refs, those removed per
-    reason (an image counts under its first reason, so G-Ref's other partition, last, shows what holding it out
-    costs), those kept; with --no-hold-out-other-partition, "not_held_out": what it trains on of that partition."""
-    label = ":".join
-    eval_ids = {spec: data.eval_image_ids(d) for spec, d in (loaded | partitions).items()}
-    other_partitions = [(f"G-Ref {split_by} val/test", eval_ids[(name, split_by)]) for name, split_by in partitions]
-    report = {}
-    for spec in dict.fromkeys(specs):
-        sources = [("val/test of the same dataset", eval_ids[spec])]
-        if val_spec != spec:
-            sources.append((f"val/test of {label(val_spec)}, the validation set", eval_ids[val_spec]))
-        sources += [(f"val/test of {label(o)}, another training set", eval_ids[o])
-                    for o in dict.fromkeys(specs) if o not in (spec, val_spec)]
-        counts = data.hold_out_counts(loaded[spec], sources + other_partitions if hold_out_partitions else sources)
-        if not hold_out_partitions and other_partitions:
-            removed = data.hold_out_counts(loaded[spec], sources + other_partitions)["removed"]
-            counts["not_held_out"] = {reason: removed[reason] for reason, _ in other_partitions}
-        report[label(spec)] = counts
-    return report
+    return train_set, val_set, data.hold_out_report(specs, val_spec, loaded, partitions, tc.hold_out_other_partition)
 
 
 def epoch_loader(train_set, state: TrainState, schedule: Schedule, tc: TrainConfig,

@@ -3,6 +3,8 @@
 A bad value is argparse's usage error (exit code 2) naming the flag and its allowed range, before any
 work and without a traceback, instead of a ZeroDivisionError or a silent empty run later.
 """
+import dataclasses
+
 import pytest
 
 import eval as ris_eval
@@ -30,7 +32,7 @@ def test_every_numeric_option_has_a_range():
         plain = [a.option_strings[0] for a in parser._actions if a.type in (int, float)]
         assert not plain, f"{name}: numeric flags without a NumberRange: {plain}"
     typed = {flag for flag, _ in numeric_flags(PARSERS["train.py"][0])}
-    knobs = {"--" + f.name.replace("_", "-") for f in train.fields(train.TrainConfig) if f.type in ("int", "float")}
+    knobs = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(train.TrainConfig) if f.type in ("int", "float")}
     assert typed == knobs and {"--epochs", "--lr"} <= knobs
 
 
