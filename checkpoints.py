@@ -133,9 +133,14 @@ def save_checkpoint(out: str, model: PromptRIS, optimizer, state: TrainState, pr
     state.last_saved = state.step
 
 
-def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str) -> TrainState:
-    """Weights, optimizer, position and this rank's RNG state from a checkpoint of the same model and world."""
+def restore(ckpt: dict, model: PromptRIS, optimizer, procs: Processes, out: str, steps_per_epoch: int) -> TrainState:
+    """Weights, optimizer, position and this rank's RNG state from a checkpoint of the same model and world, whose
+    position lies inside an epoch of `steps_per_epoch` steps."""
     path = os.path.join(out, "ckpt.pt")
+    if ckpt["batch_in_epoch"] >= steps_per_epoch:  # its epoch would never end: the loop would wait forever
+        raise CheckpointError(f"{path}: saved after step {ckpt['batch_in_epoch']} of epoch {ckpt['epoch']}, but the "
+                              f"training set now gives {steps_per_epoch} steps per epoch: its data changed since the "
+                              "run started; restore the data, or start a new run in another --out")
     if ckpt["model_config"] != model.config.to_dict():
         differ = sorted(k for k, v in model.config.to_dict().items() if ckpt["model_config"].get(k) != v)
         raise CheckpointError(f"{path}: saved for a different model (config keys {differ} differ from the flags)")
@@ -197,6 +202,11 @@ def save_run_model(model: PromptRIS, path: str, metadata: dict | None = None) ->
     eval.load_run; `metadata` {str: str} goes into the file's header."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: f.write(safetensors_bytes(state, metadata)))
+
+
+def save_metrics(out: str, metrics: dict) -> None:
+    """metrics.json: the final validation, the untrained and the best scores (what eval.py's table compares)."""
+    atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
 
 BEST_WEIGHTS = "best.safetensors"  # train.py --keep-best: the weights of the run's best validation

@@ -552,6 +552,20 @@ class RunLog:
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def final_metrics(self, step: int, metrics: dict, untrained: dict | None) -> None:
+        untrained_miou = untrained["mIoU"] if untrained else float("nan")
+        self(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained_miou:.2f}) "
+             f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+
+    def best(self, best: dict) -> None:
+        self(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
+             f"expressions): {BEST_WEIGHTS}, eval.py's default (--weights last: model.safetensors)")
+
+    def wall_time(self, result: dict, device: torch.device) -> None:
+        reserved = f", {result['peak_reserved_mb']:.0f} MiB reserved" if "peak_reserved_mb" in result else ""
+        self(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
+             f"({'GPU allocated' + reserved if device.type == 'cuda' else 'max RSS'})")
+
     def curves(self) -> None:
         """curves.png: every loss term and val mIoU against the step, redrawn from log.jsonl."""
         if self.master:

@@ -1,33 +1,24 @@
-"""Train Prompt-RIS (§4.2): the whole loop in one file, in order, nanoGPT style.
+"""Train Prompt-RIS (§4.2), nanoGPT style: the knobs, the two-stage schedule, then `main` with the loop.
 
-    python train.py                                   # demo: built-in data, tiny model, CPU, < 10 min
+    python train.py                                   # demo: built-in data, tiny model, CPU
     python train.py --config paper --clip-weights clip_vit_b16.safetensors \\
         --sam-weights sam_vit_b.safetensors --vocab bpe_simple_vocab_16e6.txt.gz --data-root data/refer
     torchrun --nproc_per_node=8 train.py --config paper ...       # DDP: the global batch is split
     python train.py --resume --out runs/paper         # continue a killed run, bitwise exactly (CPU)
     python train.py --help                            # every knob, its paper value and section
 
-Order of this file: the knobs (TrainConfig, presets, command line), then `main` on one screen in the
-paper's order (setup -> model -> data -> optimizer -> resume -> training loop -> final evaluation), then
-the named steps it calls: inputs, model and data, SAM embeddings, checkpoints and randomness, processes
-and devices, the schedule and one training step, logs. The paper's schedule (§4.2): AdamW, lr 1e-4 with polynomial
-decay (power 0.9), 50 epochs of 16 images x 4 sentences (an epoch is one pass over the training images,
-b = 4 sentences drawn for each: images // 16 steps); the first 20 epochs train CLIP + CMP + ICL
-on the coarse mask only, the last 30 the whole model end to end. CLIP and SAM stay frozen.
-
-The demo has no official weights to start from, and frozen random towers learn nothing, so it
-trains the small CLIP and SAM towers too (it says so in the log).
-
-One randomness for every layout: the global batch of a step is the same images whatever the number of
-processes (epoch_batches), and every random draw of a training sample is keyed, not streamed: sentence
-choice and word masking by (seed, epoch, index) in data.RefTrainSet, Gumbel noise and prompt dropout by
-(seed, epoch, image id, sentence) through PromptRIS's sample_keys. So 1 process, N processes, any
---micro-batch and any number of loader workers train the same model up to float rounding.
+§4.2: AdamW, lr 1e-4 with polynomial decay (power 0.9), 50 epochs of 16 images x b = 4 sentences (an epoch is
+one pass over the training images); the first 20 epochs train CLIP + CMP + ICL on the coarse mask, the last 30
+the whole model end to end; CLIP and SAM stay frozen. The demo starts from random towers (no official weights),
+which learn nothing frozen, so it trains them too. Each step: micro-batches -> forward -> Eq. (9) -> backward
+(train_step) -> clip, AdamW -> log, validate, keep the best, save (main). Every random draw of a training sample is
+keyed by (seed, epoch, image, sentence), and a step's images are the same for any number of processes, so one
+process, N processes and any --micro-batch train the same model up to float rounding (docs/determinism.md).
+Process setup, checkpoints, the run log and the SAM cache live in runtime.py, checkpoints.py and sam_cache.py.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -41,8 +32,8 @@ from tqdm import tqdm
 
 import data
 import synth
-from checkpoints import (BEST_WEIGHTS, TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
-                         save_checkpoint, save_run_model, seed_everything)
+from checkpoints import (TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
+                         save_checkpoint, save_metrics, save_run_model, seed_everything)
 from clip_vit import Tokenizer
 from coco import has_refs
 from eval import evaluate
@@ -225,18 +216,15 @@ class Schedule:
     max_steps: int
     stage1_epochs: int
     use_sam: bool
-    per_rank: int
     tc: TrainConfig
 
     @classmethod
     def of(cls, tc: TrainConfig, n_images: int, world: int) -> "Schedule":
-        per_rank = tc.images_per_batch // world
         steps_per_epoch = n_images // tc.images_per_batch
         if steps_per_epoch == 0:
             raise ValueError(f"{n_images} training images give no full batch of {tc.images_per_batch}")
         total = tc.epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam,
-                   per_rank, tc)
+        return cls(steps_per_epoch, total, min(tc.max_steps or total, total), tc.stage1_epochs, tc.use_sam, tc)
 
     def stage(self, epoch: int) -> int:
         """1: CLIP + CMP + ICL on the coarse mask; 2: the whole model end to end."""
@@ -311,7 +299,7 @@ def main(argv=None) -> dict:
 
     # -- resume (weights, optimizer, data position, every random state), or score the untrained model --
     if ckpt is not None:
-        state = restore(ckpt, raw_model, optimizer, procs, tc.out)
+        state = restore(ckpt, raw_model, optimizer, procs, tc.out, schedule.steps_per_epoch)
         state.best = resumed_best(state, tc, log)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of "
             f"{schedule.steps_per_epoch})")
@@ -530,31 +518,24 @@ def validate(model: PromptRIS, dataset, stage: int, tc: TrainConfig, procs: Proc
 
 
 def final_evaluation(model: PromptRIS, val_set, schedule: Schedule, state: TrainState, tc: TrainConfig,
-                     procs: Processes, amp_dtype, log: "RunLog", started: float) -> dict:
+                     procs: Processes, amp_dtype, log: RunLog, started: float) -> dict:
     """The whole validation split on every rank's shard; model.safetensors, the best weights (--keep-best) and
     metrics.json from rank 0."""
     if procs.master:
         save_run_model(model, os.path.join(tc.out, "model.safetensors"))
     metrics = validate(model, val_set, schedule.final_stage, tc, procs, amp_dtype)
-    untrained = state.untrained["mIoU"] if state.untrained else float("nan")
-    log(f"step {state.step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained:.2f}) "
-        f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+    log.final_metrics(state.step, metrics, state.untrained)
     if tc.keep_best != "none":  # compared on the images the periodic validations score (--val-images)
         periodic = periodic_val_set(val_set, tc)
         keep_best(model, metrics if periodic is val_set else validate(model, periodic, schedule.final_stage, tc,
                                                                        procs, amp_dtype), state, tc, log)
-        best = state.best
-        log(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
-            f"expressions): {BEST_WEIGHTS}, eval.py's default (--weights last: model.safetensors)")
+        log.best(state.best)
     result = {"metrics": metrics, "best": state.best, "wall_s": time.time() - started, **peak_memory_mb(procs.device)}
     if procs.master:
-        with open(os.path.join(tc.out, "metrics.json"), "w") as f:
-            json.dump(metrics | {"step": state.step, "untrained": state.untrained, "best": state.best}, f, indent=1)
+        save_metrics(tc.out, metrics | {"step": state.step, "untrained": state.untrained, "best": state.best})
     log.json({"step": state.step, "val": metrics})
     log.curves()
-    reserved = f", {result['peak_reserved_mb']:.0f} MiB reserved" if "peak_reserved_mb" in result else ""
-    log(f"wall time {result['wall_s']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-        f"({'GPU allocated' + reserved if procs.device.type == 'cuda' else 'max RSS'})")
+    log.wall_time(result, procs.device)
     return result
 
 

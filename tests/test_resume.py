@@ -179,6 +179,17 @@ def test_resume_with_another_number_of_processes_is_refused(micro_root, one_step
         train.main(micro_args(micro_root, out, "--resume"))
 
 
+def test_resume_past_the_end_of_a_shrunken_epoch_is_refused_not_looped(micro_root, one_step_run, tmp_path):
+    """A checkpoint whose position lies beyond the epoch the data gives now (the data shrank since the run began):
+    its epoch would never end, and the loop would wait forever for a batch."""
+    out = copy_run(one_step_run, tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "batch_in_epoch": 10**6}, out / "ckpt.pt")
+    with pytest.raises(checkpoints.CheckpointError, match=r"ckpt\.pt: saved after step 1000000 of epoch 0, but the "
+                                                          r"training set now gives \d+ steps per epoch"):
+        train.main(micro_args(micro_root, out, "--resume"))
+
+
 def test_resume_without_flags_takes_the_run_config(micro_root, one_step_run):
     out = one_step_run
     tc = train.parse_args(["--resume", "--out", str(out)])
