@@ -657,7 +657,8 @@ def collate(items: Sequence[dict]) -> dict:
 
     `skipped_images` lists the images RefTrainSet(skip_bad_images=True) skipped to make these items.
     With a SAM embedding cache (items with "sam_embedding"), `sam_embeddings` lists each image's cached F_IS
-    or None, `sam_cache_files` where each is kept (sam_cache_path), and `sam_images` holds the SAM inputs of the uncached images only, in order (None if all are).
+    or None, `sam_cache_files` where each is kept (sam_cache_path), and `sam_images` holds the SAM inputs of the
+    uncached images only, in order (None if all are).
     """
     counts = torch.tensor([len(it["sentences"]) for it in items])
     batch = {

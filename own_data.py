@@ -177,8 +177,9 @@ class Importer:
             fail("sentences", "missing or not a non-empty list of strings")
         for j, s in enumerate(sentences):
             if not isinstance(s, str) or not s.strip():
-                fail(f"sentences[{j}]", f"{'empty' if isinstance(s, str) else type(s).__name__} sentence; each is "
-                                        "a referring expression such as \"the red cup left of the kettle\"")
+                fail(f"sentences[{j}]", ("an empty sentence" if isinstance(s, str) else f"{type(s).__name__}, not a "
+                                        "string") + "; each is a referring expression such as \"the red cup left of "
+                                        "the kettle\"")
         return [" ".join(s.split()) for s in sentences]
 
     def _check_image(self, path: str, fail) -> tuple[int, int, bool]:
