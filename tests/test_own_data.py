@@ -140,6 +140,17 @@ def test_exif_turned_photo_is_stored_upright(tmp_path):
     assert np.array_equal(loaded.mask(loaded.refs[0]["ann_id"]), mask)
 
 
+def test_16_bit_image_is_kept_and_read_scaled_as_training_reads_it(tmp_path):
+    src, root = tmp_path / "src", tmp_path / "root"
+    ramp = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365)  # 0..64155: clipped at 255 it would be white
+    _save(str(src / "deep.png"), ramp)
+    _save(str(src / "m.png"), np.eye(6, 8, dtype=np.uint8))
+    _import(src, [{"image": "deep.png", "mask": "m.png", "sentences": ["x"], "split": "val"}], root)
+    loaded = data.load_refs(str(root), "mine", "own")
+    image = data.RefEvalSet(loaded, "val", lambda s, context_length: None).read_image(0)
+    assert np.array_equal(np.asarray(image)[..., 0], np.rint(ramp / 257).astype(np.uint8))
+
+
 def test_splits_are_drawn_per_image_with_a_seed(tmp_path, capsys):
     src, root = tmp_path / "src", tmp_path / "root"
     records = []
@@ -296,3 +307,6 @@ def test_train_on_name_with_synth_then_fine_tune_and_evaluate(source, tmp_path, 
     assert eval_py.main(["--checkpoint", str(tmp_path / "tuned"), "--splits", "all", "--dataset", "mine",
                          "--device", "cpu"]) == 0
     assert "mine val (own): 1 images" in capsys.readouterr().out
+    assert eval_py.main(["--checkpoint", str(tmp_path / "tuned"), "--image", str(src / "photos" / "1.png"), "--text",
+                         "the block 1", "--mask-out", str(tmp_path / "m.png"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "m.png").size == SIZE
