@@ -44,7 +44,7 @@ from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import PromptRIS, PromptRISConfig, total_loss
 from sam import SAM, SAMConfig
-from sam_cache import sam_cache_path, sam_embeddings
+from sam_cache import sam_embeddings
 
 SIZES = {"tiny": PromptRISConfig.tiny, "paper": PromptRISConfig.paper}
 # Training images of the paper's run (§4.2: RefCOCO + RefCOCO+ + G-Ref, evaluation images removed), an
@@ -334,12 +334,13 @@ def bench_train_step(args) -> dict:
         if cache_dir:  # stage 2 with a frozen SAM: F_IS precomputed, and read back as the loader's workers do
             with torch.no_grad(), runtime.autocast(device, amp_dtype):
                 for chunk in chunks:
+                    # these images have no files (sam_cache_path's version): their cache files are named by id only
+                    files = [os.path.join(cache_dir, f"{int(i)}.pt") for i in chunk["image_ids"]]
                     for i in range(len(chunk["clip_images"])):  # one image at a time: not the step's peak
                         sam_embeddings(model, {"sam_images": chunk["sam_images"][i:i + 1],
-                                               "image_ids": chunk["image_ids"][i:i + 1],
+                                               "sam_cache_files": files[i:i + 1],
                                                "sam_embeddings": [None]}, device, cache_dir)
-                    chunk["sam_embeddings"] = [torch.load(sam_cache_path(cache_dir, i), weights_only=True)
-                                               for i in chunk["image_ids"]]
+                    chunk["sam_embeddings"] = [torch.load(f, weights_only=True) for f in files]
                     chunk["sam_images"] = None
         runtime.sync(args.device)
         before = memory_now(device)  # the built model, its inputs and the cached embeddings

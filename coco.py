@@ -5,7 +5,8 @@ the sampler), imports it, and this file imports no method file.
 
 1. COCO masks: `decode_mask` turns COCO polygons and RLEs into binary masks, pixel for pixel
    identical to pycocotools (its polygon rasterizer is re-derived below in numpy), so ground truth
-   and IoU match every other RIS codebase without a compiled dependency.
+   and IoU match every other RIS codebase without a compiled dependency; `encode_mask` writes a mask
+   as pycocotools' compressed RLE (own_data.py stores imported masks so).
 2. The refer layout on disk: where a dataset's refs file and its COCO images lie (`has_refs`,
    `read_refs_file`, `find_image_dir`); fetch.py unpacks the downloads into this layout.
 3. Untrusted files: the refs files are Python 2 pickles from the refer API, so they are unpickled
@@ -19,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import re
 from typing import Sequence, Union
 
 import numpy as np
@@ -213,6 +215,39 @@ def _rle_counts_to_mask(counts: Sequence[int], height: int, width: int) -> np.nd
     return flat.reshape(width, height).T.copy()
 
 
+def _counts_to_rle_string(counts: np.ndarray) -> str:
+    """Run lengths -> COCO compressed RLE string (maskApi.c rleToString), the inverse of _rle_string_to_counts,
+    for all counts at once: each count (from the fourth on, its difference to the count two places back) is cut
+    into 5-bit groups, least significant first, until the rest is all sign; bit 0x20 marks "another group follows"."""
+    x = counts.astype(np.int64)
+    x[3:] -= counts[1:-2]
+    chars = np.zeros((len(x), 8), np.uint8)  # a 32-bit count with its sign needs at most 7 groups
+    groups = np.zeros(len(x), np.int64)
+    writing = np.ones(len(x), bool)
+    for k in range(chars.shape[1]):
+        c = x & 0x1F
+        x >>= 5  # arithmetic shift: a negative difference keeps its sign
+        more = np.where(c & 0x10 != 0, x != -1, x != 0)
+        chars[:, k] = 48 + c + 0x20 * more
+        groups += writing
+        writing &= more
+        if not writing.any():  # most counts fit in two or three groups
+            break
+    return chars[np.arange(chars.shape[1]) < groups[:, None]].tobytes().decode("ascii")
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """(H, W) mask (non-zero = object) -> compressed RLE {"size": [H, W], "counts": str}, the string
+    pycocotools.mask.encode writes; decode_mask reads it back pixel for pixel."""
+    height, width = mask.shape
+    flat = np.asarray(mask).T.reshape(-1) != 0  # column-major, as COCO counts
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]]))
+    if flat.size and flat[0]:  # counts start with a run of zeros, here an empty one
+        runs = np.concatenate([[0], runs])
+    return {"size": [height, width], "counts": _counts_to_rle_string(runs)}
+
+
 def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
     """Decode a COCO segmentation into a binary mask, exactly as pycocotools does.
 
@@ -265,8 +300,17 @@ IMAGE_DIR_CANDIDATES = (
 )
 
 
-def find_image_dir(data_root: str, dataset: str) -> str:
-    """First existing image folder among the documented layouts (the first one if none exists)."""
+def find_image_dir(data_root: str, dataset: str, info=None) -> str:
+    """First existing image folder among the documented layouts (the first one if none exists).
+
+    A set written by own_data.py names its own folder in instances.json's info ({"image_dir": "images"},
+    relative to DATA_ROOT/<dataset>): its images are found there even where DATA_ROOT holds COCO's."""
+    if isinstance(info, dict) and "image_dir" in info:
+        name = info["image_dir"]
+        if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ValueError(f"{os.path.join(data_root, dataset, 'instances.json')}: info.image_dir {name!r} must "
+                             f"be a folder inside {os.path.join(data_root, dataset)}")
+        return os.path.join(data_root, dataset, name)
     candidates = [os.path.join(data_root, *parts) for parts in IMAGE_DIR_CANDIDATES]
     candidates.append(os.path.join(data_root, dataset, "images"))
     return next((c for c in candidates if os.path.isdir(c)), candidates[0])
@@ -275,6 +319,24 @@ def find_image_dir(data_root: str, dataset: str) -> str:
 def has_refs(data_root: str, dataset: str, split_by: str) -> bool:
     """Whether DATA_ROOT/<dataset>/refs(<split_by>).json or .p exists."""
     return any(os.path.isfile(os.path.join(data_root, dataset, f"refs({split_by}).{ext}")) for ext in ("json", "p"))
+
+
+def split_schemes(data_root: str, dataset: str) -> list[str]:
+    """The split_by of every refs(<split_by>).json or .p in DATA_ROOT/<dataset>, sorted."""
+    folder = os.path.join(data_root, dataset)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted({m.group(1) for m in map(re.compile(r"refs\((.+)\)\.(?:json|p)$").match, names) if m})
+
+
+def only_split_by(data_root: str, dataset: str) -> str:
+    """The split scheme of a dataset without a default one (an imported set: own_data.py), when its folder holds
+    exactly one; ValueError otherwise."""
+    schemes = split_schemes(data_root, dataset)
+    if len(schemes) != 1:
+        held = f"refs files of {', '.join(schemes)}" if schemes else "no refs(SPLIT_BY).json or .p file"
+        raise ValueError(f"no default split for '{dataset}' and {os.path.join(data_root, dataset)} holds "
+                         f"{held}; write it as {dataset}:SPLIT_BY")
+    return schemes[0]
 
 
 def read_refs_file(data_root: str, dataset: str, split_by: str) -> tuple[list, str]:

@@ -17,7 +17,8 @@ Sections, in the order a reader meets them:
    batch.
 4. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
 5. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
-   synth.py) and `python data.py download ...`.
+   synth.py), `python data.py download ...` and `python data.py import ...` (your own data: own_data.py
+   writes it into this layout, its images in DATA_ROOT/<name>/images/).
 
 The files themselves are read by coco.py (the restricted unpickler, field checks, COCO polygons and
 RLEs decoded as pycocotools does) and fetched by fetch.py (`python data.py download`).
@@ -53,7 +54,7 @@ from PIL import Image
 
 import synth
 from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
-from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, read_refs_file
+from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, only_split_by, read_refs_file
 from fetch import DOWNLOAD_SPLIT_BY, REFER_MIRRORS, download_refer
 from images import open_rgb
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
@@ -202,7 +203,7 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
             anns[a["id"]] = {k: a[k] for k in ("id", "image_id", "category_id", "segmentation")}
             anns[a["id"]]["source"] = instances_path
 
-    image_dir = find_image_dir(data_root, dataset)
+    image_dir = find_image_dir(data_root, dataset, instances.get("info"))  # an imported set names its own
     wanted_images = {r["image_id"] for r in refs}
     images = {}
     for i, im in enumerate(instances["images"]):
@@ -274,6 +275,7 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
     ref_ids: a ref whose object and sentences (ann_id and sent_ids, the text where a sentence has no
     sent_id) a partition given earlier already holds is kept once, and the log says how many were dropped.
     """
+    check_ids_agree([*datas, *held_out_from])
     held_out = set().union(*(eval_image_ids(d, split) for d in (*datas, *held_out_from)))
     refs, anns, images, categories, seen = [], {}, {}, {}, set()
     for d in datas:
@@ -297,6 +299,26 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
         categories.update(d.categories)
     name = ",".join(d.dataset for d in datas)
     return RefData(name, ",".join(d.split_by for d in datas), refs, anns, images, categories)
+
+
+def check_ids_agree(datas: Sequence[RefData]) -> None:
+    """Datasets trained together must mean one image by one image id and one object by one ann_id: records are
+    merged, held out (§4.2), contrasted (ICL, §3.3) and cached (--cache-sam) by id. COCO's sets agree by
+    construction, imported sets live far above COCO's ids (own_data.id_offset); ValueError when two disagree."""
+    files, objects = {}, {}
+    for d in datas:
+        for image_id, im in d.images.items():
+            first = files.setdefault(image_id, (im["file_name"], d.dataset))
+            if first[0] != im["file_name"]:
+                raise ValueError(f"image id {image_id} is {first[0]} in {first[1]} but {im['file_name']} in "
+                                 f"{d.dataset}: datasets trained together must not share image ids; import one of "
+                                 "them again under another --name")
+        for ann_id, a in d.anns.items():
+            first = objects.setdefault(ann_id, (a["image_id"], d.dataset))
+            if first[0] != a["image_id"]:
+                raise ValueError(f"ann_id {ann_id} is on image {first[0]} in {first[1]} but on image {a['image_id']} "
+                                 f"in {d.dataset}: datasets trained together must not share annotation ids; import "
+                                 "one of them again under another --name")
 
 
 def eval_image_ids(data: RefData, split: str = "train") -> set[int]:
@@ -450,6 +472,7 @@ class _ImageSet(torch.utils.data.Dataset):
         }
         if self.with_sam_images and self.sam_cache:
             item["sam_embedding"] = cached  # None: not cached yet, the batch carries the SAM input instead
+            item["sam_cache_file"] = sam_cache_path(self.sam_cache, info["id"], info["path"])
         if with_original:
             item["gt_original"] = [masks[r["ann_id"]] for r in refs]
         return item
@@ -458,7 +481,7 @@ class _ImageSet(torch.utils.data.Dataset):
         """F_IS of a frozen SAM from the --cache-sam directory, read here (in a DataLoader worker), or None."""
         if not (self.with_sam_images and self.sam_cache):
             return None
-        path = sam_cache_path(self.sam_cache, image_id)
+        path = sam_cache_path(self.sam_cache, image_id, self.data.images[image_id]["path"])
         return torch.load(path, weights_only=True) if os.path.isfile(path) else None
 
 
@@ -596,7 +619,8 @@ def collate(items: Sequence[dict]) -> dict:
 
     `skipped_images` lists the images RefTrainSet(skip_bad_images=True) skipped to make these items.
     With a SAM embedding cache (items with "sam_embedding"), `sam_embeddings` lists each image's cached F_IS
-    or None, and `sam_images` holds the SAM inputs of the uncached images only, in order (None if all are).
+    or None, `sam_cache_files` where each is kept (sam_cache_path), and `sam_images` holds the SAM inputs of the
+    uncached images only, in order (None if all are).
     """
     counts = torch.tensor([len(it["sentences"]) for it in items])
     batch = {
@@ -618,6 +642,7 @@ def collate(items: Sequence[dict]) -> dict:
     }
     if "sam_embedding" in items[0]:
         batch["sam_embeddings"] = [it["sam_embedding"] for it in items]
+        batch["sam_cache_files"] = [it["sam_cache_file"] for it in items]  # where new embeddings are stored
     if all("gt_original" in it for it in items):
         batch["gt_original"] = [m for it in items for m in it["gt_original"]]
     return batch
@@ -716,13 +741,15 @@ def print_stats(data_root: str, dataset: str, split_by: str, as_json: bool = Fal
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python data.py stats|synth|download ...` (callable from tests with argv)."""
+    """`python data.py stats|synth|download|import ...` (callable from tests with argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="refs, sentences and images per split")
+    stats.add_argument("name", nargs="?", metavar="DATASET", help="as --dataset")
     stats.add_argument("--data-root", required=True)
-    stats.add_argument("--dataset", required=True, help="refcoco | refcoco+ | refcocog | synth")
-    stats.add_argument("--split-by", required=True, help="unc | umd | google")
+    stats.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth | an imported NAME")
+    stats.add_argument("--split-by", help="unc | umd | google (default: the download's, else the dataset's only "
+                                          "refs file)")
     stats.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
     synth.add_arguments(sub.add_parser("synth", help="write the built-in referring dataset (synth.py)"))
     fetch = sub.add_parser("download", help="fetch the refer annotations (and COCO train2014) into the refer "
@@ -733,10 +760,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fetch.add_argument("--images", action="store_true", help="also COCO train2014 (13 GB, resumable)")
     fetch.add_argument("--from", dest="from_dir", metavar="DIR", help="a folder of zips fetched by hand "
                        "(refcoco.zip, refcoco+.zip, refcocog.zip, train2014.zip), used before any mirror")
+    import own_data  # here: it reads images and prints stats with this file's functions
+    own_data.add_arguments(sub.add_parser("import", help="your own referring data, a JSON Lines file, into the "
+                                                         "refer layout (own_data.py, docs/own-data.md)"))
     args = parser.parse_args(argv)
 
     if args.command == "stats":
-        print_stats(args.data_root, args.dataset, args.split_by, args.json)
+        dataset = args.name or args.dataset
+        if not dataset or (args.name and args.dataset):
+            parser.error("stats: name one dataset, as DATASET or --dataset")
+        split_by = args.split_by or DOWNLOAD_SPLIT_BY.get(dataset) or only_split_by(args.data_root, dataset)
+        print_stats(args.data_root, dataset, split_by, args.json)
     elif args.command == "download":
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
         unknown = [d for d in datasets if d not in REFER_MIRRORS]
@@ -747,6 +781,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         download_refer(args.data_root, datasets, images=args.images, from_dir=args.from_dir)
         for name in datasets:
             print_stats(args.data_root, name, DOWNLOAD_SPLIT_BY[name])
+    elif args.command == "import":
+        return own_data.run(args)
     else:
         return synth.run(args)
     return 0

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from checkpoints import BEST_WEIGHTS, read_best
 from clip_vit import Tokenizer, cut_tokens
-from coco import has_refs
+from coco import has_refs, only_split_by
 from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
 from images import MAX_PIXELS_ENV, open_rgb
 from load_weights import WeightsError, check_and_load, read_safetensors, safetensors_shapes
@@ -453,9 +453,7 @@ def _data_source(args, run_config: dict) -> tuple[str, str, str, str]:
     if not data_root or not spec:
         raise ValueError("no evaluation data: pass --data-root and --dataset (the run's config.json records neither)")
     dataset, _, split_by = spec.partition(":")
-    split_by = args.split_by or split_by or SPLIT_BY.get(dataset)
-    if split_by is None:
-        raise ValueError(f"--dataset {dataset}: no default partition; pass --split-by (unc | umd | google)")
+    split_by = args.split_by or split_by or SPLIT_BY.get(dataset) or only_split_by(data_root, dataset)
     return data_root, dataset, split_by, args.split or train.get("val_split", "val")
 
 
@@ -509,9 +507,16 @@ SPLIT_LABELS = {("refcocog", "google", "val"): "val(G)", ("refcocog", "umd", "va
                 ("refcocog", "umd", "test"): "test(U)"}
 
 
-def table_columns(data_root: str, subset: str) -> list[tuple[str, str, str]]:
-    """The columns of Table 1 (subset "all") or Table 2 whose dataset has a refs file under data_root."""
+def table_columns(data_root: str, subset: str, dataset: str | None = None) -> list[tuple[str, str, str]]:
+    """The columns of Table 1 (subset "all") or Table 2 whose dataset has a refs file under data_root; with
+    `dataset` (name or name:split_by) only its columns, and for a set of your own (data.py import) its splits."""
     columns = (TABLE1_COLUMNS + SYNTH_COLUMNS["all"]) if subset == "all" else (TABLE2_COLUMNS + SYNTH_COLUMNS["split"])
+    if dataset is not None:
+        name, _, split_by = dataset.partition(":")
+        if name not in SPLIT_BY:  # no paper columns: every split but train
+            split_by = split_by or only_split_by(data_root, name)
+            return [(name, split_by, s) for s in load_refs(data_root, name, split_by).splits() if s != "train"]
+        columns = tuple(c for c in columns if c[0] == name and split_by in ("", c[1]))
     found = [c for c in columns if has_refs(data_root, c[0], c[1])]
     if not found:
         raise ValueError(f"--splits all: no refs file of refcoco, refcoco+, refcocog (umd, google) or synth under "
@@ -522,7 +527,7 @@ def table_columns(data_root: str, subset: str) -> list[tuple[str, str, str]]:
 def format_paper_table(results: dict, subset: str) -> str:
     """Our numbers and the paper's "Ours" row per column, Table 1 (oIoU, mIoU) or Table 2 (mIoU) layout."""
     columns = list(results)
-    datasets = [DATASET_LABELS[c[0]] if i == 0 or columns[i - 1][0] != c[0] else "" for i, c in enumerate(columns)]
+    datasets = [DATASET_LABELS.get(c[0], c[0]) if i == 0 or columns[i - 1][0] != c[0] else "" for i, c in enumerate(columns)]
     lines = [" " * 18 + "".join(f"{d:>9}" for d in datasets),
              " " * 18 + "".join(f"{SPLIT_LABELS.get(c, c[2]):>9}" for c in columns)]
     for metric in ("oIoU", "mIoU") if subset == "all" else ("mIoU",):
@@ -542,7 +547,7 @@ def evaluate_table(args, model: PromptRIS, tokenizer: Tokenizer, run_config: dic
     if not data_root:
         raise ValueError("--splits all needs --data-root (the run's config.json records none)")
     results = {}
-    for dataset, split_by, split in table_columns(data_root, args.subset):
+    for dataset, split_by, split in table_columns(data_root, args.subset, args.dataset):
         column = argparse.Namespace(**{**vars(args), "data_root": data_root, "dataset": dataset,
                                        "split_by": split_by, "split": split})
         loader, name = build_loader(column, run_config, tokenizer, model.config)
@@ -581,13 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"of a run directory: its {BEST_WEIGHTS} (the best validation, train.py --keep-best) or "
                         "model.safetensors (the last weights); default: best when the run has it, else last")
     p.add_argument("--data-root", help="DATA_ROOT of the refer layout (default: the run's data root)")
-    p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth, or name:split_by "
-                                     "(default: the run's validation set)")
+    p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | synth | a NAME of `data.py import`, or "
+                                     "name:split_by (default: the run's validation set)")
     p.add_argument("--split-by", help="unc | umd | google (default: umd for refcocog, else unc)")
     p.add_argument("--split", help="val | testA | testB | test ... (default: the run's validation split, val); "
                                    "on RefCOCO / RefCOCO+ 'test' is testA + testB (Table 2)")
     p.add_argument("--splits", choices=("all",), help="every split of every dataset under --data-root, in the layout "
-                                                      "of Table 1 (with --subset: Table 2), the paper's row beside")
+                                                      "of Table 1 (with --subset: Table 2), the paper's row beside; "
+                                                      "with --dataset, that dataset's splits")
     p.add_argument("--subset", choices=("all", "seen", "unseen"), default="all",
                    help="Table 2: only refs of seen / unseen categories")
     p.add_argument("--output", choices=OUTPUTS, default="mask",
@@ -628,7 +634,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out and --mask-out are written for --image (dataset panels: --save-vis DIR)")
     if args.image is not None and args.out is None and args.mask_out is None:
         args.out = "pred.png"
-    clashing = [f for f, v in (("--dataset", args.dataset), ("--split-by", args.split_by), ("--split", args.split),
+    clashing = [f for f, v in (("--split-by", args.split_by), ("--split", args.split),
                                ("--save-vis", args.save_vis), ("--image", args.image)) if v is not None]
     if args.splits and clashing:
         p.error(f"--splits all chooses the datasets and splits itself: drop {', '.join(clashing)}")

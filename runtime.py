@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import BEST_WEIGHTS, atomic_write, save_checkpoint
+from coco import only_split_by
 from viz import draw_curves
 
 if TYPE_CHECKING:  # annotations only
@@ -52,13 +53,16 @@ HOW_TO_GET = {
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "synth": "unc"}
 
 
-def dataset_specs(names: str) -> list[tuple[str, str]]:
-    """'refcoco,refcocog:google' -> [('refcoco', 'unc'), ('refcocog', 'google')]."""
+def dataset_specs(names: str, data_root: str | None = None) -> list[tuple[str, str]]:
+    """'refcoco,refcocog:google' -> [('refcoco', 'unc'), ('refcocog', 'google')]; a dataset without a default
+    split (one imported by `data.py import`) takes the only refs(SPLIT_BY) file it has under data_root."""
     specs = []
     for name in filter(None, (n.strip() for n in names.split(","))):
         dataset, _, split_by = name.partition(":")
         if not split_by and dataset not in DEFAULT_SPLIT_BY:
-            raise ValueError(f"--datasets: no default split for '{dataset}'; write it as {dataset}:SPLIT_BY")
+            if data_root is None:
+                raise ValueError(f"--datasets: no default split for '{dataset}'; write it as {dataset}:SPLIT_BY")
+            split_by = only_split_by(data_root, dataset)
         specs.append((dataset, split_by or DEFAULT_SPLIT_BY[dataset]))
     if not specs:
         raise ValueError("--datasets is empty")
@@ -83,8 +87,8 @@ def check_inputs(tc: TrainConfig) -> None:
             raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file; {HOW_TO_GET[key]}")
     if tc.vocab is not None and not os.path.exists(tc.vocab):
         raise FileNotFoundError(f"--vocab {tc.vocab}: no such file; {HOW_TO_GET['vocab']}")
-    specs = dataset_specs(tc.datasets) + dataset_specs(tc.val_dataset)
     root = tc.data_root or ""
+    specs = dataset_specs(tc.datasets, root) + dataset_specs(tc.val_dataset, root)
     built_in = all(name == "synth" for name, _ in specs)  # the built-in data is written when absent
     for name, split_by in [] if built_in else specs:
         folder = os.path.join(root, name)

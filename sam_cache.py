@@ -20,14 +20,18 @@ if TYPE_CHECKING:  # annotations only
     from train import TrainConfig
 
 
-def sam_cache_path(folder: str, image_id: int) -> str:
-    """One file per image; written to a temporary name and renamed, so a crash leaves no torn file here."""
-    return os.path.join(folder, f"{int(image_id)}.pt")
+def sam_cache_path(folder: str, image_id: int, image_path: str) -> str:
+    """One file per image id and version of the image file: its size, modification time and inode (os.stat, no
+    pixel read) are in the name, so a file replaced under the same id (a re-import with --overwrite) is never served
+    the old file's embedding. Written to a temporary name and renamed, so a crash leaves no torn file here."""
+    st = os.stat(image_path)
+    version = hashlib.sha256(f"{st.st_size}/{st.st_mtime_ns}/{st.st_ino}".encode()).hexdigest()[:12]
+    return os.path.join(folder, f"{int(image_id)}-{version}.pt")
 
 
 def sam_weights_hash(model: PromptRIS, amp_dtype, data_root: str = "") -> str:
     """Key of the embedding cache: SAM image-encoder weights, input size, autocast dtype and the data root
-    (image ids of another dataset would name other images)."""
+    (image ids of another dataset would name other images); each file's name adds its image's version."""
     h = hashlib.sha256(f"{model.config.sam.image_size}/{amp_dtype}/{os.path.abspath(data_root)}".encode())
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         h.update(name.encode())
@@ -67,7 +71,7 @@ def sam_embeddings(model: PromptRIS, batch: dict, device, cache_dir: str | None)
     missing = [b for b, e in enumerate(embeddings) if e is None]
     fresh = model.encode_sam_image(batch["sam_images"].to(device, non_blocking=True)) if missing else []
     for b, embedding in zip(missing, fresh):
-        path = sam_cache_path(cache_dir, batch["image_ids"][b])
+        path = batch["sam_cache_files"][b]  # sam_cache_path, named in the loader worker
         write_then_rename(path, lambda f, e=embedding: torch.save(e.cpu().clone(), f))
     fresh = dict(zip(missing, fresh))
     return torch.stack([fresh[b] if e is None else e.to(device, non_blocking=True) for b, e in enumerate(embeddings)])

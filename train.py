@@ -19,6 +19,7 @@ Process setup, checkpoints, the run log and the SAM cache live in runtime.py, ch
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -36,13 +37,13 @@ from checkpoints import (TrainState, keep_best, load_checkpoint, restore, resume
                          save_checkpoint, save_metrics, save_run_model, seed_everything)
 from clip_vit import Tokenizer
 from coco import has_refs
-from eval import evaluate
+from eval import evaluate, run_weights
 from keyed_random import combine_keys
-from load_weights import load_clip, load_sam
+from load_weights import check_and_load, load_clip, load_sam, read_safetensors
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs,
                      dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
-                     out_of_memory_message, parse_config, peak_memory_mb, reset_peak_memory, setup_processes, shutdown,
+                     out_of_memory_message, parse_config, peak_memory_mb, read_json, reset_peak_memory, setup_processes, shutdown,
                      stop_if_not_finite, stop_if_signalled, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
 
@@ -103,6 +104,10 @@ class TrainConfig:
     prompt_dropout: float = knob(_MODEL_DEFAULTS.prompt_dropout, "drop rate of each prompt type in training "
                                  "(rate not given in the paper)", "§4.2", min=0, below=1)
     gumbel_tau: float = knob(_MODEL_DEFAULTS.gumbel_tau, "Gumbel-softmax temperature", "Eq. (3)", above=0)
+    init_from: str | None = knob(None, "start from a trained run's weights (its directory: best.safetensors, else "
+                                 "model.safetensors, as eval.py picks; or one of its .safetensors files), e.g. a "
+                                 "RefCOCO run fine-tuned on your own data; its model config must equal this one",
+                                 type=str)
     train_towers: bool | None = knob(None, "also train the CLIP and SAM towers; default: only when no official "
                                      "weights are given (random towers must learn)", "§3.1")
     # -- optimisation --
@@ -177,7 +182,7 @@ RUN_DEFINING_FLAGS = MODEL_FLAGS + (
     "lr_power", "warmup_steps", "weight_decay", "grad_clip", "seed",
     "dtype")  # bfloat16 autocast computes every step differently, not only in another order
 FREE_FLAGS = (
-    "out", "clip_weights", "sam_weights", "vocab", "data_root", "val_split", "val_images", "keep_best",
+    "out", "clip_weights", "sam_weights", "vocab", "init_from", "data_root", "val_split", "val_images", "keep_best",
     "skip_bad_images",  # what a run without it would have done: stop at the bad image
     "device", "micro_batch", "grad_checkpoint", "compile", "cache_sam",  # the same training up to float rounding
     "num_workers", "threads", "resume", "overwrite", "max_steps", "save_every", "eval_every", "log_every")
@@ -376,16 +381,43 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
                      prompts=tuple(p for p in tc.prompts.split(",") if p), prompt_dropout=tc.prompt_dropout,
                      gumbel_tau=tc.gumbel_tau)
     model = PromptRIS(config, clip, sam)
+    if tc.init_from:
+        init_from_run(model, tc.init_from)
     train_towers = tc.train_towers if tc.train_towers is not None else (clip is None and sam is None)
     model.freeze_backbones(clip=not train_towers, sam=not train_towers)
     return model, train_towers
+
+
+def init_from_run(model: PromptRIS, run: str) -> None:
+    """--init-from: every weight of a trained run, strictly, into a model whose config equals the run's (else a
+    ValueError naming each differing key with both values)."""
+    weights, _ = run_weights(run, None)
+    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    saved = read_json(config_path, "--init-from needs the run's config.json").get("model")
+    theirs = _flat(saved if isinstance(saved, dict) else {})
+    ours = _flat(json.loads(json.dumps(model.config.to_dict())))  # tuples as lists, as config.json holds them
+    differing = [f"{k}: run {theirs.get(k, 'absent')} vs now {ours.get(k, 'absent')}"
+                 for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    if differing:
+        raise ValueError(f"--init-from {run}: the run's model config ({config_path}) differs from this one in "
+                         f"{len(differing)} keys: {'; '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}; "
+                         "give the flags (and weights) the run was trained with")
+    check_and_load(model, read_safetensors(weights), weights)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"sam": {"image_size": 1024}} -> {"sam.image_size": 1024}."""
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
 
 
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype: torch.dtype = torch.float32):
     """(train set, val set, hold-out report) from the refer-API layout; the demo's built-in data is written first.
     The report (data.hold_out_report) says how many images and refs each training set lost to the hold-out, and why.
     image_dtype: of the pixels the sets give (bfloat16 under bf16 autocast: exact, half the bytes)."""
-    specs, (val_spec,) = dataset_specs(tc.datasets), dataset_specs(tc.val_dataset)
+    specs, (val_spec,) = dataset_specs(tc.datasets, tc.data_root), dataset_specs(tc.val_dataset, tc.data_root)
     if all(name == "synth" for name, _ in specs + [val_spec]):
         if master and not os.path.isfile(os.path.join(tc.data_root, "synth", "refs(unc).p")):
             tqdm.write(f"writing the built-in referring dataset (synth.py; also `python data.py synth`) to "

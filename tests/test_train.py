@@ -28,6 +28,7 @@ import runtime
 import train
 from helpers import assert_bitwise_equal, micro_args, pin_point_prompt, read_log, saved_state
 from sam import ImageEncoderViT
+from sam_cache import sam_cache_path
 from test_data import tiny_records, write_tree
 
 # ---- learning ----
@@ -406,7 +407,9 @@ def test_sam_embedding_cache_matches_the_encoder(micro_root, tmp_path):
     batch = micro_batch(micro_root, tc, [0])
     with torch.no_grad():
         expected = model.encode_sam_image(batch["sam_images"])[0]
-    cached = torch.load(cache / key / f"{int(batch['image_ids'][0])}.pt", weights_only=True)
+    image_id = int(batch["image_ids"][0])
+    path = data.load_refs(micro_root, "synth", "unc").images[image_id]["path"]
+    cached = torch.load(sam_cache_path(str(cache / key), image_id, path), weights_only=True)
     torch.testing.assert_close(cached, expected)
 
 
