@@ -1,4 +1,4 @@
-"""What a run folder holds and how it is written: ckpt.pt (weights, optimizer, position, every random state),
+"""What a run folder holds, how it is written and read: ckpt.pt (weights, optimizer, position, every random state),
 model.safetensors and best.safetensors, written atomically so that a crash at any moment leaves the old file or
 the new one; and resuming from them bitwise.
 """
@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+
+from load_weights import check_and_load, read_safetensors
 
 if TYPE_CHECKING:  # annotations only
     from prompt_ris import PromptRIS
@@ -251,3 +253,72 @@ def resumed_best(state: TrainState, tc: TrainConfig, log: "RunLog") -> dict | No
                 os.remove(path)
         return None
     return best
+
+
+def read_json(path: str, why: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found ({why})")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: not valid JSON (nested too deeply to read)") from None
+
+
+def run_files(path) -> tuple[str, str]:
+    """(config.json, model.safetensors) of a run directory or of a model.safetensors path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    if path.endswith(".safetensors"):
+        return os.path.join(os.path.dirname(path), "config.json"), path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such run directory; train one with `python train.py --out {path}` "
+                                "(the default `python train.py` writes runs/demo)")
+    raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
+
+
+def run_weights(path, choice: str | None = None) -> tuple[str, str]:
+    """(weights file, what it holds) of a run directory: --weights best (best.safetensors) or last
+    (model.safetensors); by default best when the run has it. A file path is used as it is."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if choice is not None and os.path.isfile(path):
+            raise ValueError(f"--weights {choice} chooses a file of a run directory; --checkpoint {path} is a file")
+        return path, "the given file"
+    best, last = os.path.join(path, BEST_WEIGHTS), os.path.join(path, "model.safetensors")
+    if choice == "best" and not os.path.isfile(best):
+        raise FileNotFoundError(f"--weights best: {best} not found; train.py writes it at a validation that beats "
+                                "the run's best (not with --keep-best none); --weights last takes model.safetensors")
+    if choice == "best" or (choice is None and os.path.isfile(best)):
+        record = read_best(best)
+        return best, "the best validation of the run" + (
+            f" ({record['metric']} {record['score']:.2f} at step {record['step']})" if record else "")
+    return last, "the last weights of the run" + ("" if choice else f" (it has no {BEST_WEIGHTS})")
+
+
+def init_from_run(model: PromptRIS, run: str) -> None:
+    """--init-from: every weight of a trained run, strictly, into a model whose config equals the run's (else a
+    ValueError naming each differing key with both values)."""
+    weights, _ = run_weights(run, None)
+    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    saved = read_json(config_path, "--init-from needs the run's config.json").get("model")
+    theirs = _flat(saved if isinstance(saved, dict) else {})
+    ours = _flat(json.loads(json.dumps(model.config.to_dict())))  # tuples as lists, as config.json holds them
+    differing = [f"{k}: run {theirs.get(k, 'absent')} vs now {ours.get(k, 'absent')}"
+                 for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    if differing:
+        raise ValueError(f"--init-from {run}: the run's model config ({config_path}) differs from this one in "
+                         f"{len(differing)} keys: {'; '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}; "
+                         "give the flags (and weights) the run was trained with")
+    check_and_load(model, read_safetensors(weights), weights)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"sam": {"image_size": 1024}} -> {"sam.image_size": 1024}."""
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import BEST_WEIGHTS, read_best
+from checkpoints import BEST_WEIGHTS, run_files, run_weights
 from clip_vit import Tokenizer, cut_tokens
 from coco import has_refs, only_split_by
 from data import RefEvalSet, collate, load_refs, preprocess_image, split_seen_unseen
@@ -296,38 +296,6 @@ def evaluate(model: PromptRIS, loader, *, device="cpu", output: str = "mask", pr
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_files(path) -> tuple[str, str]:
-    """(config.json, model.safetensors) of a run directory or of a model.safetensors path."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    if path.endswith(".safetensors"):
-        return os.path.join(os.path.dirname(path), "config.json"), path
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such run directory; train one with `python train.py --out {path}` "
-                                "(the default `python train.py` writes runs/demo)")
-    raise ValueError(f"{path}: expected a run directory or a .safetensors file beside its config.json")
-
-
-def run_weights(path, choice: str | None = None) -> tuple[str, str]:
-    """(weights file, what it holds) of a run directory: --weights best (best.safetensors) or last
-    (model.safetensors); by default best when the run has it. A file path is used as it is."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        if choice is not None and os.path.isfile(path):
-            raise ValueError(f"--weights {choice} chooses a file of a run directory; --checkpoint {path} is a file")
-        return path, "the given file"
-    best, last = os.path.join(path, BEST_WEIGHTS), os.path.join(path, "model.safetensors")
-    if choice == "best" and not os.path.isfile(best):
-        raise FileNotFoundError(f"--weights best: {best} not found; train.py writes it at a validation that beats "
-                                "the run's best (not with --keep-best none); --weights last takes model.safetensors")
-    if choice == "best" or (choice is None and os.path.isfile(best)):
-        record = read_best(best)
-        return best, "the best validation of the run" + (
-            f" ({record['metric']} {record['score']:.2f} at step {record['step']})" if record else "")
-    return last, "the last weights of the run" + ("" if choice else f" (it has no {BEST_WEIGHTS})")
-
-
 def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
     """A trained model from a run directory written by train.py (or its model.safetensors).
 
@@ -335,7 +303,7 @@ def load_run(path, device="cpu") -> tuple[PromptRIS, Tokenizer, dict]:
     tokenizer's vocabulary is the one recorded in config.json ("vocab", null = byte-level).
     Returns (model in eval mode on `device`, tokenizer, the run's config.json as a dict).
     """
-    config_path, weights_path = _run_files(path)
+    config_path, weights_path = run_files(path)
     for f in (config_path, weights_path):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{f}: not found; a run directory holds config.json and model.safetensors, "

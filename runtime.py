@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import BEST_WEIGHTS, atomic_write, save_checkpoint
+from checkpoints import BEST_WEIGHTS, atomic_write, read_json, save_checkpoint
 from coco import only_split_by
 from viz import draw_curves
 
@@ -670,14 +670,3 @@ def build_parser(defaults, presets: dict, doc: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
     return parser
 
-
-def read_json(path: str, why: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found ({why})")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        except RecursionError:
-            raise ValueError(f"{path}: not valid JSON (nested too deeply to read)") from None

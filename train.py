@@ -19,7 +19,6 @@ Process setup, checkpoints, the run log and the SAM cache live in runtime.py, ch
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -33,17 +32,17 @@ from tqdm import tqdm
 
 import data
 import synth
-from checkpoints import (TrainState, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
+from checkpoints import (TrainState, init_from_run, keep_best, load_checkpoint, restore, resumed_best, rng_untouched,
                          save_checkpoint, save_metrics, save_run_model, seed_everything)
 from clip_vit import Tokenizer
 from coco import has_refs
-from eval import evaluate, run_weights
+from eval import evaluate
 from keyed_random import combine_keys
-from load_weights import check_and_load, load_clip, load_sam, read_safetensors
+from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs,
                      dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
-                     out_of_memory_message, parse_config, peak_memory_mb, read_json, reset_peak_memory, setup_processes, shutdown,
+                     out_of_memory_message, parse_config, peak_memory_mb, reset_peak_memory, setup_processes, shutdown,
                      stop_if_not_finite, stop_if_signalled, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
 
@@ -386,31 +385,6 @@ def build_model(tc: TrainConfig) -> tuple[PromptRIS, bool]:
     train_towers = tc.train_towers if tc.train_towers is not None else (clip is None and sam is None)
     model.freeze_backbones(clip=not train_towers, sam=not train_towers)
     return model, train_towers
-
-
-def init_from_run(model: PromptRIS, run: str) -> None:
-    """--init-from: every weight of a trained run, strictly, into a model whose config equals the run's (else a
-    ValueError naming each differing key with both values)."""
-    weights, _ = run_weights(run, None)
-    config_path = os.path.join(os.path.dirname(weights), "config.json")
-    saved = read_json(config_path, "--init-from needs the run's config.json").get("model")
-    theirs = _flat(saved if isinstance(saved, dict) else {})
-    ours = _flat(json.loads(json.dumps(model.config.to_dict())))  # tuples as lists, as config.json holds them
-    differing = [f"{k}: run {theirs.get(k, 'absent')} vs now {ours.get(k, 'absent')}"
-                 for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
-    if differing:
-        raise ValueError(f"--init-from {run}: the run's model config ({config_path}) differs from this one in "
-                         f"{len(differing)} keys: {'; '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}; "
-                         "give the flags (and weights) the run was trained with")
-    check_and_load(model, read_safetensors(weights), weights)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"sam": {"image_size": 1024}} -> {"sam.image_size": 1024}."""
-    out = {}
-    for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
 
 
 def build_data(tc: TrainConfig, tokenizer: Tokenizer, master: bool, image_dtype: torch.dtype = torch.float32):

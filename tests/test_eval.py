@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import data
 import synth
 import eval as ris_eval
@@ -303,7 +304,7 @@ def test_weights_default_to_the_best_of_the_run_and_say_which(run_dir, tmp_path,
         assert lines[0] == f"weights: {run / used}.safetensors, {said}"
         assert json.loads(lines[-1])["weights"] == f"{run / used}.safetensors"
     (run / "best.safetensors").unlink()
-    assert ris_eval.run_weights(run) == (str(run / "model.safetensors"),
+    assert checkpoints.run_weights(run) == (str(run / "model.safetensors"),
                                          "the last weights of the run (it has no best.safetensors)")
     with pytest.raises(FileNotFoundError, match=r"--weights best: .*best\.safetensors not found"):
         ris_eval.main(args + ["--weights", "best"])
