@@ -13,6 +13,8 @@ the sampler), imports it, and this file imports no method file.
    into plain data only (`UnsafePickleError` for anything that could run code); JSON and every
    field data.py reads are checked (`check_fields`), so a bad file fails naming the file and the
    record instead of deep inside training.
+4. Records: a refer record (`parse_ref`) and the COCO instances it points at (`read_instances`), validated
+   field by field for data.load_refs; `check_ids_agree` for datasets trained together.
 """
 from __future__ import annotations
 
@@ -426,3 +428,89 @@ def check_fields(record, fields: dict, where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, "
                              f"got {type(value).__name__}")
+
+
+def check_ids_agree(datas: Sequence) -> None:
+    """Datasets trained together must mean one image by one image id and one object by one ann_id: records are
+    merged, held out (§4.2), contrasted (ICL, §3.3) and cached (--cache-sam) by id. COCO's sets agree by
+    construction, imported sets live far above COCO's ids (own_data.id_offset); ValueError when two disagree."""
+    files, objects = {}, {}
+    for d in datas:
+        for image_id, im in d.images.items():
+            first = files.setdefault(image_id, (im["file_name"], d.dataset))
+            if first[0] != im["file_name"]:
+                raise ValueError(f"image id {image_id} is {first[0]} in {first[1]} but {im['file_name']} in "
+                                 f"{d.dataset}: datasets trained together must not share image ids; import one of "
+                                 "them again under another --name")
+        for ann_id, a in d.anns.items():
+            first = objects.setdefault(ann_id, (a["image_id"], d.dataset))
+            if first[0] != a["image_id"]:
+                raise ValueError(f"ann_id {ann_id} is on image {first[0]} in {first[1]} but on image {a['image_id']} "
+                                 f"in {d.dataset}: datasets trained together must not share annotation ids; import "
+                                 "one of them again under another --name")
+
+
+REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str,
+               "sentences": list}
+
+
+def parse_ref(record, path: str, index: int) -> dict:
+    """Validate one refer-API record and return our compact copy of it."""
+    where = f"{path}: record {index}"
+    if isinstance(record, dict) and is_int(record.get("ref_id")):
+        where += f" (ref_id {record['ref_id']})"
+    check_fields(record, REF_FIELDS, where)
+    sentences, sent_ids = [], []
+    for j, s in enumerate(record["sentences"]):
+        texts = (s.get("sent"), s.get("raw")) if isinstance(s, dict) else ()
+        text = next((t.strip() for t in texts if isinstance(t, str) and t.strip()), None)
+        if text is None:
+            raise ValueError(f"{where}: sentence {j} needs a non-empty string 'sent' or 'raw'")
+        sentences.append(text)
+        sent_ids.append(s["sent_id"] if is_int(s.get("sent_id")) else None)  # None: hand-made records
+    if not sentences:
+        raise ValueError(f"{where}: no sentences")
+    return {k: record[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "split")} | {
+        "sentences": sentences, "sent_ids": sent_ids}
+
+
+def read_instances(data_root: str, dataset: str, refs: list) -> tuple[str, dict, dict, dict]:
+    """(path, anns, images, categories) of DATA_ROOT/<dataset>/instances.json: the annotations and images the
+    validated `refs` point at, each checked field by field, and every category (data.RefData holds them)."""
+    instances_path = os.path.join(data_root, dataset, "instances.json")
+    if not os.path.isfile(instances_path):
+        raise FileNotFoundError(f"missing {instances_path} (COCO instances for {dataset})")
+    instances = load_json(instances_path)
+    check_fields(instances, {"images": list, "annotations": list}, instances_path)
+
+    wanted_anns = {r["ann_id"] for r in refs}
+    anns = {}
+    for i, a in enumerate(instances["annotations"]):
+        if isinstance(a, dict) and a.get("id") in wanted_anns:
+            check_fields(a, {"id": int, "image_id": int, "category_id": int,
+                              "segmentation": (list, dict)},
+                          f"{instances_path}: annotations[{i}] (id {a['id']})")
+            anns[a["id"]] = {k: a[k] for k in ("id", "image_id", "category_id", "segmentation")}
+            anns[a["id"]]["source"] = instances_path
+
+    image_dir = find_image_dir(data_root, dataset, instances.get("info"))  # an imported set names its own
+    wanted_images = {r["image_id"] for r in refs}
+    images = {}
+    for i, im in enumerate(instances["images"]):
+        if isinstance(im, dict) and im.get("id") in wanted_images:
+            check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
+                          f"{instances_path}: images[{i}] (id {im['id']})")
+            name = im["file_name"]
+            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):  # would open any file
+                raise ValueError(f"{instances_path}: images[{i}] (id {im['id']}): file_name '{name}' is absolute "
+                                 f"or contains '..'; image names are relative to the image folder {image_dir} "
+                                 "(e.g. COCO_train2014_000000000009.jpg): fix the entry")
+            images[im["id"]] = {k: im[k] for k in ("id", "file_name", "height", "width")}
+            images[im["id"]]["path"] = os.path.join(image_dir, im["file_name"])
+
+    categories = {}
+    for i, c in enumerate(instances.get("categories", [])):
+        check_fields(c, {"id": int, "name": str}, f"{instances_path}: categories[{i}]")
+        categories[c["id"]] = c["name"]
+
+    return instances_path, anns, images, categories

@@ -1,42 +1,30 @@
-"""Referring image segmentation data for Prompt-RIS (§3.3, §4.1, §4.2).
-
-Sections, in the order a reader meets them:
+"""Referring image segmentation data for Prompt-RIS (§3.3, §4.1, §4.2), in the order a reader meets it:
 
 1. Referring records: `load_refs` reads one dataset of the refer-API layout every RIS codebase uses,
-       DATA_ROOT/{refcoco,refcoco+,refcocog}/refs(unc).p | refs(umd).p | refs(google).p
-       DATA_ROOT/{refcoco,refcoco+,refcocog}/instances.json
-   (or `refs(<split_by>).json`, a JSON list of the same records), with COCO train2014 images
-   looked up in DATA_ROOT/images/train2014/, DATA_ROOT/images/mscoco/images/train2014/ (the refer
-   API's own layout) or DATA_ROOT/<dataset>/images/, whichever exists first. EVAL_SPLITS names the
-   splits each benchmark reports (§4.1), OV_SEEN_CATEGORIES / OV_UNSEEN_CATEGORIES the
-   open-vocabulary setting (Table 2).
-2. The training set (§4.2): `combine_for_training` joins RefCOCO, RefCOCO+ and G-Ref and removes
-   every image of their val/test splits (`eval_image_ids`; `hold_out_counts` says what that costs).
-3. Datasets (§3.3): `RefTrainSet` gives one image with b sentences, the group instance contrastive
-   learning compares; `RefEvalSet` one image with every sentence of a split; `collate` makes the
-   batch.
+   DATA_ROOT/<dataset>/refs(<split_by>).p (or .json) and instances.json, with COCO train2014 images found in
+   DATA_ROOT/images/train2014/, DATA_ROOT/images/mscoco/images/train2014/ or DATA_ROOT/<dataset>/images/.
+   EVAL_SPLITS names the splits each benchmark reports (§4.1), OV_SEEN_CATEGORIES the open-vocabulary
+   setting (Table 2).
+2. The training set (§4.2): `combine_for_training` joins RefCOCO, RefCOCO+ and G-Ref and removes every image
+   of their val/test splits (`eval_image_ids`; `hold_out_counts` says what that costs).
+3. Datasets (§3.3): `epoch_batches` samples each step's images, `RefTrainSet` gives one image with b
+   sentences (the group ICL compares), `RefEvalSet` one image with every sentence of a split, `collate` the batch.
 4. Preprocessing: one letterbox geometry for both encoders (CLIP at Hc, SAM at S).
-5. CLI: `python data.py stats ...`, `python data.py synth ...` (the built-in dataset lives in
-   synth.py), `python data.py download ...` and `python data.py import ...` (your own data: own_data.py
-   writes it into this layout, its images in DATA_ROOT/<name>/images/).
+5. `python data.py stats | synth | download | import` (synth.py, fetch.py and own_data.py do the work).
 
-The files themselves are read by coco.py (the restricted unpickler, field checks, COCO polygons and
-RLEs decoded as pycocotools does) and fetched by fetch.py (`python data.py download`).
+The files are read by coco.py (restricted unpickler, field checks, COCO polygons and RLEs as pycocotools
+decodes them) and images.py. Training, as train.py drives it:
 
-Training, as train.py drives it (§4.2: the three datasets combined, evaluation images removed):
-
-    datas = [load_refs(root, "refcoco", "unc"), load_refs(root, "refcoco+", "unc"),
-             load_refs(root, "refcocog", "umd")]
-    train_set = RefTrainSet(datas, Tokenizer(), sentences_per_image=4)
+    train_set = RefTrainSet([load_refs(root, "refcoco", "unc"), load_refs(root, "refcoco+", "unc"),
+                             load_refs(root, "refcocog", "umd")], Tokenizer(), sentences_per_image=4)
     for epoch in range(epochs):
         train_set.set_epoch(epoch, stage=1 if epoch < 20 else 2)  # sentence draws: (seed, epoch, index)
-        # this rank's image indices of every step: one shuffle per epoch, each rank a share of each batch
-        steps = epoch_batches(len(train_set), epoch, seed, 16, rank, world)
+        steps = epoch_batches(len(train_set), epoch, seed, 16, rank, world)  # this rank's share of each step
         for batch in DataLoader(train_set, batch_sampler=steps, collate_fn=collate):
-            ...  # 16 images x 4 sentences = 64 sentences (train.py collates each micro-batch)
+            ...  # 16 images x 4 sentences = 64 sentences
 
-Evaluation: DataLoader(RefEvalSet(load_refs(root, "refcoco", "unc"), "val", Tokenizer()),
-batch_size=16, collate_fn=collate).
+Evaluation: DataLoader(RefEvalSet(load_refs(root, "refcoco", "unc"), "val", Tokenizer()), batch_size=16,
+collate_fn=collate).
 """
 from __future__ import annotations
 
@@ -54,8 +42,9 @@ from PIL import Image
 
 import synth
 from clip_vit import CLIP_MEAN, CLIP_STD, cut_tokens
-from coco import check_fields, decode_mask, find_image_dir, is_int, load_json, only_split_by, read_refs_file
-from fetch import DOWNLOAD_SPLIT_BY, REFER_MIRRORS, download_refer
+from coco import check_ids_agree, decode_mask, only_split_by, parse_ref, read_instances, read_refs_file
+import fetch
+from fetch import DOWNLOAD_SPLIT_BY
 from images import open_rgb
 from sam import SAM_MEAN, SAM_STD, resize_longest_side_shape
 from sam_cache import sam_cache_path
@@ -71,7 +60,7 @@ logger = logging.getLogger("data")
 #    "split": "train" | "val" | "test" | "testA" | "testB",
 #    "sentences": [{"sent": str, "raw": str, "tokens": [str], "sent_id": int}, ...],
 #    "sent_ids": [int], "file_name": "COCO_train2014_..._<ann_id>.jpg"}
-# We read ref_id, ann_id, image_id, category_id, split and each sentence's "sent" (lower-cased,
+# coco.parse_ref reads ref_id, ann_id, image_id, category_id, split and each sentence's "sent" (lower-cased,
 # tokenized text; "raw" when "sent" is absent) and "sent_id": G-Ref's umd and google partitions split
 # the same expressions under different ref_ids, and the sentence ids are what tells that two refs are
 # one (combine_for_training). file_name is not needed.
@@ -110,30 +99,6 @@ OV_UNSEEN_CATEGORIES = {
     32: "tie", 36: "snowboard", 41: "skateboard", 47: "cup", 49: "knife", 61: "cake",
     63: "couch", 76: "keyboard", 81: "sink", 87: "scissors",
 }
-
-_REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str,
-               "sentences": list}
-
-
-def _parse_ref(record, path: str, index: int) -> dict:
-    """Validate one refer-API record and return our compact copy of it."""
-    where = f"{path}: record {index}"
-    if isinstance(record, dict) and is_int(record.get("ref_id")):
-        where += f" (ref_id {record['ref_id']})"
-    check_fields(record, _REF_FIELDS, where)
-    sentences, sent_ids = [], []
-    for j, s in enumerate(record["sentences"]):
-        texts = (s.get("sent"), s.get("raw")) if isinstance(s, dict) else ()
-        text = next((t.strip() for t in texts if isinstance(t, str) and t.strip()), None)
-        if text is None:
-            raise ValueError(f"{where}: sentence {j} needs a non-empty string 'sent' or 'raw'")
-        sentences.append(text)
-        sent_ids.append(s["sent_id"] if is_int(s.get("sent_id")) else None)  # None: hand-made records
-    if not sentences:
-        raise ValueError(f"{where}: no sentences")
-    return {k: record[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "split")} | {
-        "sentences": sentences, "sent_ids": sent_ids}
-
 
 @dataclass
 class RefData:
@@ -185,44 +150,8 @@ def load_refs(data_root: str, dataset: str, split_by: str) -> RefData:
     (index and ref_id), a missing file raises FileNotFoundError naming the path.
     """
     records, refs_path = read_refs_file(data_root, dataset, split_by)
-    refs = [_parse_ref(r, refs_path, i) for i, r in enumerate(records)]
-
-    instances_path = os.path.join(data_root, dataset, "instances.json")
-    if not os.path.isfile(instances_path):
-        raise FileNotFoundError(f"missing {instances_path} (COCO instances for {dataset})")
-    instances = load_json(instances_path)
-    check_fields(instances, {"images": list, "annotations": list}, instances_path)
-
-    wanted_anns = {r["ann_id"] for r in refs}
-    anns = {}
-    for i, a in enumerate(instances["annotations"]):
-        if isinstance(a, dict) and a.get("id") in wanted_anns:
-            check_fields(a, {"id": int, "image_id": int, "category_id": int,
-                              "segmentation": (list, dict)},
-                          f"{instances_path}: annotations[{i}] (id {a['id']})")
-            anns[a["id"]] = {k: a[k] for k in ("id", "image_id", "category_id", "segmentation")}
-            anns[a["id"]]["source"] = instances_path
-
-    image_dir = find_image_dir(data_root, dataset, instances.get("info"))  # an imported set names its own
-    wanted_images = {r["image_id"] for r in refs}
-    images = {}
-    for i, im in enumerate(instances["images"]):
-        if isinstance(im, dict) and im.get("id") in wanted_images:
-            check_fields(im, {"id": int, "file_name": str, "height": int, "width": int},
-                          f"{instances_path}: images[{i}] (id {im['id']})")
-            name = im["file_name"]
-            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):  # would open any file
-                raise ValueError(f"{instances_path}: images[{i}] (id {im['id']}): file_name '{name}' is absolute "
-                                 f"or contains '..'; image names are relative to the image folder {image_dir} "
-                                 "(e.g. COCO_train2014_000000000009.jpg): fix the entry")
-            images[im["id"]] = {k: im[k] for k in ("id", "file_name", "height", "width")}
-            images[im["id"]]["path"] = os.path.join(image_dir, im["file_name"])
-
-    categories = {}
-    for i, c in enumerate(instances.get("categories", [])):
-        check_fields(c, {"id": int, "name": str}, f"{instances_path}: categories[{i}]")
-        categories[c["id"]] = c["name"]
-
+    refs = [parse_ref(r, refs_path, i) for i, r in enumerate(records)]
+    instances_path, anns, images, categories = read_instances(data_root, dataset, refs)
     for i, r in enumerate(refs):
         where = f"{refs_path}: record {i} (ref_id {r['ref_id']})"
         if r["ann_id"] not in anns:
@@ -299,26 +228,6 @@ def combine_for_training(datas: Sequence[RefData], split: str = "train",
         categories.update(d.categories)
     name = ",".join(d.dataset for d in datas)
     return RefData(name, ",".join(d.split_by for d in datas), refs, anns, images, categories)
-
-
-def check_ids_agree(datas: Sequence[RefData]) -> None:
-    """Datasets trained together must mean one image by one image id and one object by one ann_id: records are
-    merged, held out (§4.2), contrasted (ICL, §3.3) and cached (--cache-sam) by id. COCO's sets agree by
-    construction, imported sets live far above COCO's ids (own_data.id_offset); ValueError when two disagree."""
-    files, objects = {}, {}
-    for d in datas:
-        for image_id, im in d.images.items():
-            first = files.setdefault(image_id, (im["file_name"], d.dataset))
-            if first[0] != im["file_name"]:
-                raise ValueError(f"image id {image_id} is {first[0]} in {first[1]} but {im['file_name']} in "
-                                 f"{d.dataset}: datasets trained together must not share image ids; import one of "
-                                 "them again under another --name")
-        for ann_id, a in d.anns.items():
-            first = objects.setdefault(ann_id, (a["image_id"], d.dataset))
-            if first[0] != a["image_id"]:
-                raise ValueError(f"ann_id {ann_id} is on image {first[0]} in {first[1]} but on image {a['image_id']} "
-                                 f"in {d.dataset}: datasets trained together must not share annotation ids; import "
-                                 "one of them again under another --name")
 
 
 def eval_image_ids(data: RefData, split: str = "train") -> set[int]:
@@ -752,14 +661,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                           "refs file)")
     stats.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
     synth.add_arguments(sub.add_parser("synth", help="write the built-in referring dataset (synth.py)"))
-    fetch = sub.add_parser("download", help="fetch the refer annotations (and COCO train2014) into the refer "
-                                            "layout; what is complete is skipped")
-    fetch.add_argument("--data-root", required=True, help="DATA_ROOT to fill")
-    fetch.add_argument("--datasets", default=",".join(REFER_MIRRORS), help="comma-separated, of "
-                       f"{', '.join(REFER_MIRRORS)} (default: all)")
-    fetch.add_argument("--images", action="store_true", help="also COCO train2014 (13 GB, resumable)")
-    fetch.add_argument("--from", dest="from_dir", metavar="DIR", help="a folder of zips fetched by hand "
-                       "(refcoco.zip, refcoco+.zip, refcocog.zip, train2014.zip), used before any mirror")
+    fetch.add_arguments(sub.add_parser("download", help="fetch the refer annotations (and COCO train2014) into the "
+                                                        "refer layout; what is complete is skipped (fetch.py)"))
     import own_data  # here: it reads images and prints stats with this file's functions
     own_data.add_arguments(sub.add_parser("import", help="your own referring data, a JSON Lines file, into the "
                                                          "refer layout (own_data.py, docs/own-data.md)"))
@@ -772,14 +675,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         split_by = args.split_by or DOWNLOAD_SPLIT_BY.get(dataset) or only_split_by(args.data_root, dataset)
         print_stats(args.data_root, dataset, split_by, args.json)
     elif args.command == "download":
-        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-        unknown = [d for d in datasets if d not in REFER_MIRRORS]
-        if unknown or not datasets:
-            parser.error(f"--datasets: unknown {unknown or 'empty list'}; choose from {', '.join(REFER_MIRRORS)}")
-        if args.from_dir and not os.path.isdir(args.from_dir):
-            parser.error(f"--from {args.from_dir}: no such folder")
-        download_refer(args.data_root, datasets, images=args.images, from_dir=args.from_dir)
-        for name in datasets:
+        fetch.download_refer(args.data_root, args.datasets, images=args.images, from_dir=args.from_dir)
+        for name in args.datasets:
             print_stats(args.data_root, name, DOWNLOAD_SPLIT_BY[name])
     elif args.command == "import":
         return own_data.run(args)

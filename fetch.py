@@ -9,6 +9,7 @@ when complete. An archive is refused before anything is written when an entry le
 its declared size exceeds what its kind holds or the disk has free. This file imports no method file;
 the layout it unpacks into is coco.py's, the one data.load_refs reads.
 """
+import argparse
 import contextlib
 import hashlib
 import http.client
@@ -331,3 +332,28 @@ def download_refer(data_root: str, datasets: Sequence[str] = tuple(REFER_MIRRORS
         print(f"{name}: unpacked {n} files from {path}")
     with contextlib.suppress(OSError):
         os.rmdir(os.path.join(data_root, "downloads"))  # only when empty
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python data.py download`; a dataset name or a --from folder that is not there is a usage
+    error (exit code 2) before anything is fetched."""
+    parser.add_argument("--data-root", required=True, help="DATA_ROOT to fill")
+    parser.add_argument("--datasets", default=",".join(REFER_MIRRORS), type=_dataset_names,
+                        help=f"comma-separated, of {', '.join(REFER_MIRRORS)} (default: all)")
+    parser.add_argument("--images", action="store_true", help="also COCO train2014 (13 GB, resumable)")
+    parser.add_argument("--from", dest="from_dir", metavar="DIR", type=_folder, help="a folder of zips fetched by "
+                        "hand (refcoco.zip, refcoco+.zip, refcocog.zip, train2014.zip), used before any mirror")
+
+
+def _dataset_names(text: str) -> list[str]:
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in names if d not in REFER_MIRRORS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {', '.join(REFER_MIRRORS)}")
+    return names
+
+
+def _folder(path: str) -> str:
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such folder")
+    return path
