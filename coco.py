@@ -410,6 +410,8 @@ def load_json(path: str):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:  # a crafted file nested thousands deep
+        raise ValueError(f"{path}: not valid JSON (nested too deeply to read)") from None
 
 
 def is_int(v) -> bool:

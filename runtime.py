@@ -511,14 +511,19 @@ def mean_over_ranks(terms: dict, procs: Processes) -> dict:
     return dict(zip(terms, means))
 
 
+def last_checkpoint(state: TrainState, tc: TrainConfig) -> str:
+    """What a run that stops before an update keeps: its last checkpoint, named, or none yet."""
+    path = os.path.join(tc.out, "ckpt.pt")
+    return (f"last good checkpoint kept at {path} (step {state.last_saved})" if os.path.isfile(path)
+            else "no checkpoint was saved yet")
+
+
 def stop_if_not_finite(values: dict, state: TrainState, tc: TrainConfig) -> None:
     """A NaN or inf loss term (checked first, "loss" last) or gradient norm stops every rank at once."""
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         what = "gradient norm" if bad[0] == "grad_norm" else f"loss term '{bad[0]}'"
-        path = os.path.join(tc.out, "ckpt.pt")
-        kept = (f"last good checkpoint kept at {path} (step {state.last_saved})" if os.path.isfile(path)
-                else "no checkpoint was saved yet")
+        kept = last_checkpoint(state, tc)
         raise FloatingPointError(f"step {state.step + 1}: {what} is {values[bad[0]]}; stopped before the update, "
                                  f"{kept}")
 

@@ -41,7 +41,7 @@ from keyed_random import combine_keys
 from load_weights import load_clip, load_sam
 from prompt_ris import LossConfig, PromptRIS, PromptRISConfig, total_loss
 from runtime import (STOP, OutOfMemory, Processes, RunLog, autocast, autocast_dtype, barrier, check_inputs,
-                     dataset_specs, gather_metrics, loader_workers, mean_over_ranks, open_run_folder,
+                     dataset_specs, gather_metrics, last_checkpoint, loader_workers, mean_over_ranks, open_run_folder,
                      out_of_memory_message, parse_config, peak_memory_mb, reset_peak_memory, setup_processes, shutdown,
                      stop_if_not_finite, stop_if_signalled, wrap_model)
 from sam_cache import sam_cache_dir, sam_embeddings
@@ -479,8 +479,8 @@ def train_step(model, raw_model: PromptRIS, micro_batches: list[dict], optimizer
         stop_if_not_finite(values, state, tc)  # before the update: the last checkpoint stays good
         optimizer.step()
     except torch.cuda.OutOfMemoryError:
-        kept = f"last good checkpoint kept at {os.path.join(tc.out, 'ckpt.pt')} (step {state.last_saved})"
-        raise OutOfMemory(out_of_memory_message(state, micro_batches, tc, procs, amp_dtype, kept)) from None
+        raise OutOfMemory(out_of_memory_message(state, micro_batches, tc, procs, amp_dtype,
+                                                last_checkpoint(state, tc))) from None
     optimizer.zero_grad(set_to_none=True)
     return values
 

@@ -794,3 +794,12 @@ def test_a_one_pixel_high_image_names_the_file(synth_root, tmp_path):
     with pytest.raises(ValueError, match=f"{info['path']} is 300x1: its short side would shrink to 0 pixels"):
         ds[2]
     assert train_set(copy, skip_bad_images=True)[2]["skipped_images"] == [info["path"]]
+
+
+def test_deeply_nested_json_of_a_dataset_names_the_file(tmp_path):
+    """A refs .json or instances.json nested thousands deep: one line naming the file, not a RecursionError."""
+    import coco
+    path = tmp_path / "instances.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not valid JSON \(nested too deeply to read\)$"):
+        coco.load_json(str(path))

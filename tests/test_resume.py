@@ -381,6 +381,15 @@ def test_out_of_memory_stops_with_the_flags_that_lower_it(micro_root, tmp_path, 
     assert "(step 2)" in message and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
+def test_out_of_memory_before_any_checkpoint_says_none_was_saved(micro_root, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "forward_losses", out_of_memory)
+    with pytest.raises(runtime.OutOfMemory, match=r"^step 1: out of memory .* no checkpoint was saved yet\.$"):
+        train.main(micro_args(micro_root, tmp_path / "run"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_num_workers_auto_is_none_on_cpu_several_on_cuda(monkeypatch):
     tc = train.parse_args(["--num-workers", "-1"])  # -1 = auto
     assert tc.num_workers == -1 and train.parse_args([]).num_workers == -1
