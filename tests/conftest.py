@@ -17,8 +17,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: each worker gets
 
 # pytest -n hands the test modules out in collection order (pytest.ini: --no-loadscope-reorder): the slowest
 # first, so that no worker starts a long module while the others are nearly done.
-SLOWEST_FIRST = ("test_cuda_path.py", "test_resume.py", "test_layouts.py", "test_train.py", "test_prompt_ris.py", "test_reproduce.py",
-                 "test_eval.py", "test_clip.py")
+SLOWEST_FIRST = ("test_cuda_path.py", "test_resume.py", "test_layouts.py", "test_train.py", "test_prompt_ris.py",
+                 "test_reproduce.py", "test_eval.py", "test_clip.py")
 
 
 def pytest_collection_modifyitems(items):
