@@ -436,20 +436,15 @@ def check_ids_agree(datas: Sequence) -> None:
     """Datasets trained together must mean one image by one image id and one object by one ann_id: records are
     merged, held out (§4.2), contrasted (ICL, §3.3) and cached (--cache-sam) by id. COCO's sets agree by
     construction, imported sets live far above COCO's ids (own_data.id_offset); ValueError when two disagree."""
-    files, objects = {}, {}
+    seen = {"image ids": {}, "annotation ids": {}}
     for d in datas:
-        for image_id, im in d.images.items():
-            first = files.setdefault(image_id, (im["file_name"], d.dataset))
-            if first[0] != im["file_name"]:
-                raise ValueError(f"image id {image_id} is {first[0]} in {first[1]} but {im['file_name']} in "
-                                 f"{d.dataset}: datasets trained together must not share image ids; import one of "
-                                 "them again under another --name")
-        for ann_id, a in d.anns.items():
-            first = objects.setdefault(ann_id, (a["image_id"], d.dataset))
-            if first[0] != a["image_id"]:
-                raise ValueError(f"ann_id {ann_id} is on image {first[0]} in {first[1]} but on image {a['image_id']} "
-                                 f"in {d.dataset}: datasets trained together must not share annotation ids; import "
-                                 "one of them again under another --name")
+        for ids, records, what in (("image ids", d.images, "file_name"), ("annotation ids", d.anns, "image_id")):
+            for key, record in records.items():  # an image is its file, an annotation lies on its image
+                first = seen[ids].setdefault(key, (record[what], d.dataset))
+                if first[0] != record[what]:
+                    raise ValueError(f"{ids[:-1]} {key} has {what} {first[0]} in {first[1]} but {record[what]} in "
+                                     f"{d.dataset}: datasets trained together must not share {ids}; import one of "
+                                     "them again under another --name")
 
 
 REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str,

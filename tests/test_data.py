@@ -803,3 +803,15 @@ def test_deeply_nested_json_of_a_dataset_names_the_file(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not valid JSON \(nested too deeply to read\)$"):
         coco.load_json(str(path))
+
+
+def test_datasets_trained_together_may_not_give_one_id_two_meanings():
+    """Records are merged, held out and contrasted by id: one image id must be one file, one ann_id one image."""
+    import coco
+    from types import SimpleNamespace as Set
+    a = Set(dataset="a", images={1: {"file_name": "x.jpg"}}, anns={5: {"image_id": 1}})
+    coco.check_ids_agree([a, Set(dataset="b", images={1: {"file_name": "x.jpg"}}, anns={5: {"image_id": 1}})])
+    with pytest.raises(ValueError, match=r"^image id 1 has file_name x\.jpg in a but y\.jpg in b: .* image ids"):
+        coco.check_ids_agree([a, Set(dataset="b", images={1: {"file_name": "y.jpg"}}, anns={})])
+    with pytest.raises(ValueError, match=r"^annotation id 5 has image_id 1 in a but 2 in b: .* annotation ids"):
+        coco.check_ids_agree([a, Set(dataset="b", images={}, anns={5: {"image_id": 2}})])
