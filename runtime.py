@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # annotations only
     from train import Schedule, TrainConfig
 
 
+# ---- Inputs and flags: what a run needs, checked before any work ----
+
+
 HOW_TO_GET = {
     "clip_weights": "run `python load_weights.py download clip` (OpenAI's ViT-B-16.pt, SHA-256 checked, converted; "
                     "it prints the path), or pass Hugging Face's openai/clip-vit-base-patch16 model.safetensors",
@@ -135,6 +138,30 @@ def parse_config(cls, presets: dict, argv, doc: str, per_run_flags: tuple, confl
     return tc if tc.config != "auto" else replace(tc, config=preset)
 
 
+def build_parser(defaults, presets: dict, doc: str) -> argparse.ArgumentParser:
+    """One flag per field of the config dataclass `defaults`; help = what it does, the paper section, the paper and
+    demo values (presets["paper"], presets["demo"]); `doc` gives the description and the epilog."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(defaults):
+        meta = dict(f.metadata)
+        help_text, section = meta.pop("help"), meta.pop("section")
+        paper, demo = getattr(presets["paper"], f.name), getattr(presets["demo"], f.name)
+        help_text += f" [{section}]" if section else ""
+        help_text += f" (paper: {paper}" + (f"; demo: {demo})" if demo != paper else ")")
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text.replace("%", "%%"))
+        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
+            allowed = NumberRange(int if f.type == "int" else float, **meta)
+            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
+        else:
+            kind = meta.pop("type", type(default))
+            parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
+    return parser
+
 def refuse_changed_run_flags(config_path: str, saved: TrainConfig, given: TrainConfig, names: tuple) -> None:
     """--resume: the flags `names` define the run (its images, step count, LR schedule, random draws); one given
     now that differs from the run's config.json would continue another run from this one's position."""
@@ -175,7 +202,8 @@ class NumberRange:
         return value
 
 
-# ---- the run folder: one run at a time, never mixed with an earlier one ----
+# ---- The run folder: one run at a time, never mixed with an earlier one ----
+
 
 LOCK = "train.lock"  # flock'ed by the run in the folder; the file stays, the lock dies with its holder
 RUN_FILES = ("config.json", "ckpt.pt", "model.safetensors", BEST_WEIGHTS, "metrics.json", "log.jsonl", "train.log",
@@ -288,7 +316,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# ---- SIGTERM and SIGINT: a checkpoint at the next step boundary ----
+# ---- SIGTERM and SIGINT: a checkpoint at the next step boundary, then exit ----
+
 
 STOP_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, as a shell reports a killed process
 
@@ -335,6 +364,9 @@ def stop_if_signalled(model: PromptRIS, optimizer, state: TrainState, procs: Pro
     code = STOP_EXIT_CODES[STOP.received or signal.SIGTERM]
     shutdown(procs)
     raise SystemExit(code)
+
+
+# ---- Processes and devices (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ----
 
 
 @dataclass
@@ -469,6 +501,9 @@ def loader_workers(tc: TrainConfig, device: torch.device) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
+# ---- The guards of a training step ----
+
+
 class OutOfMemory(MemoryError):
     """The device ran out of memory in a training step; the message says what lowers memory."""
 
@@ -537,6 +572,9 @@ def gather_metrics(metrics, procs: Processes):
     return parts[0].merge(parts[1:])
 
 
+# ---- The run log: train.log, log.jsonl, config.json, curves.png (rank 0 writes) ----
+
+
 class RunLog:
     def __init__(self, out: str, master: bool, fresh: bool):
         self.out, self.master = out, master
@@ -563,8 +601,9 @@ class RunLog:
 
     def final_metrics(self, step: int, metrics: dict, untrained: dict | None) -> None:
         untrained_miou = untrained["mIoU"] if untrained else float("nan")
+        precision = " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9))
         self(f"step {step}: val {metrics['output']} mIoU {metrics['mIoU']:.2f} (untrained {untrained_miou:.2f}) "
-             f"oIoU {metrics['oIoU']:.2f} " + " ".join(f"P@{x} {metrics[f'P@{x}']:.1f}" for x in (0.5, 0.6, 0.7, 0.8, 0.9)))
+             f"oIoU {metrics['oIoU']:.2f} {precision}")
 
     def best(self, best: dict) -> None:
         self(f"best val {best['metric']} {best['score']:.2f} at step {best['step']} ({best['expressions']} "
@@ -649,29 +688,3 @@ class RunLog:
 def significant(x: float, digits: int = 2) -> str:
     """At least `digits` significant digits, no exponent: 0.025, 1.2, 16, 123 (a paper step on CPU is not 0)."""
     return f"{x:.0f}" if x >= 10 ** (digits - 1) else f"{x:.{digits}g}"
-
-
-def build_parser(defaults, presets: dict, doc: str) -> argparse.ArgumentParser:
-    """One flag per field of the config dataclass `defaults`; help = what it does, the paper section, the paper and
-    demo values (presets["paper"], presets["demo"]); `doc` gives the description and the epilog."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(defaults):
-        meta = dict(f.metadata)
-        help_text, section = meta.pop("help"), meta.pop("section")
-        paper, demo = getattr(presets["paper"], f.name), getattr(presets["demo"], f.name)
-        help_text += f" [{section}]" if section else ""
-        help_text += f" (paper: {paper}" + (f"; demo: {demo})" if demo != paper else ")")
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text.replace("%", "%%"))
-        elif f.type in ("int", "float"):  # the allowed range, checked at parse time and shown by --help
-            allowed = NumberRange(int if f.type == "int" else float, **meta)
-            parser.add_argument(flag, type=allowed, default=default, help=f"{help_text} [{allowed}]".replace("%", "%%"))
-        else:
-            kind = meta.pop("type", type(default))
-            parser.add_argument(flag, type=kind, default=default, help=help_text.replace("%", "%%"), **meta)
-    return parser
-
