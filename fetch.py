@@ -147,8 +147,9 @@ class DamagedArchiveError(ValueError):
 
 
 # What zipfile raises on a damaged archive: a bad header or CRC-32, a corrupt deflate stream, data
-# that ends early, a compression method field that was garbled
-_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+# that ends early (a garbled compression method is refused before, see _READABLE)
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)
+_READABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}  # zipfile's methods
 
 
 def safe_extract(zip_path: str, dest: str, folder: str | None = None, max_bytes: int | None = None,
@@ -168,6 +169,8 @@ def safe_extract(zip_path: str, dest: str, folder: str | None = None, max_bytes:
         with zipfile.ZipFile(zip_path) as archive:
             members = archive.infolist()
             for m in members:
+                if m.compress_type not in _READABLE:
+                    raise zipfile.BadZipFile(f"'{m.filename}': unknown compression method {m.compress_type}")
                 target = os.path.realpath(os.path.join(root, m.filename))
                 if (os.path.isabs(m.filename) or ".." in m.filename.replace("\\", "/").split("/")
                         or os.path.commonpath((root, target)) != root):

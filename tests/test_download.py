@@ -403,3 +403,17 @@ def test_a_corrupt_downloaded_zip_is_deleted_and_the_message_says_to_run_again(s
                                          "run the command again to download it anew"):
         fetch.download_refer(str(root), ["refcoco"], mirrors={"refcoco": (server.url("/refcoco.zip"),)})
     assert files_under(root) == []
+
+
+def test_a_zip_with_a_garbled_compression_method_is_damage_named_before_unpacking(tmp_path):
+    path, dest = tmp_path / "refcoco.zip", tmp_path / "refer"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("refcoco/instances.json", "{}")
+    raw = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers
+        at = raw.index(signature) + offset
+        raw[at:at + 2] = (77).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(fetch.DamagedArchiveError, match=r"refcoco\.zip: damaged, .*unknown compression method 77"):
+        fetch.safe_extract(str(path), str(dest), folder="refcoco")
+    assert not dest.exists() or not any(dest.rglob("*.json"))
